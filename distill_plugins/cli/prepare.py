@@ -1,0 +1,139 @@
+"""distill-prepare: instruction jsonl -> fairseq binarized prompt/response pairs.
+
+    distill-prepare --train train.jsonl --valid dev.jsonl --test test.jsonl --destdir data-bin/dolly
+
+Renders each row's prompt with the MiniLLM template, tokenizes prompt and response (a SentencePiece
+model trained here on the training split by default, or ``--spm-model`` to reuse one), and writes
+``{split}.src`` (prompt) / ``{split}.tgt`` (response) through ``fairseq-preprocess`` with one joined
+dictionary. Prompts longer than ``--max-prompt-tokens`` are truncated (DistiLLM, DSKD) or dropped
+(MiniLLM) by ``--long-prompts``; responses are cut so prompt + response + EOS fits in
+``--max-total-tokens``. Counts go to ``prepare_report.json``. The destination appears only when
+everything succeeded (built in a temporary directory, then renamed).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
+from ..data.tokenizers import SentencePieceTokenizer
+from ..errors import DistillError
+
+SPLITS = ("train", "valid", "test")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="distill-prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True, help="training jsonl")
+    p.add_argument("--valid", help="validation jsonl (validation loss, Rouge-L during training)")
+    p.add_argument("--test", help="held-out jsonl (generation and scoring)")
+    p.add_argument("--destdir", required=True, help="output directory (e.g. data-bin/dolly)")
+    p.add_argument("--tokenizer", choices=["sentencepiece"], default="sentencepiece")
+    p.add_argument("--spm-model", help="an existing SentencePiece model (else one is trained)")
+    p.add_argument("--vocab-size", type=int, default=4000, help="size of a newly trained SentencePiece model")
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-total-tokens", type=int, default=512, help="prompt + response + EOS")
+    p.add_argument("--long-prompts", choices=["truncate", "drop"], default="truncate",
+                   help="prompts over --max-prompt-tokens: keep the first tokens (DistiLLM) or drop the row (MiniLLM)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
+    return p
+
+
+def encode_split(rows, tok, max_prompt, max_total, long_prompts):
+    """Token lists for (prompt, response) pairs; returns them, the kept rows and the counts."""
+    pairs, kept = [], []
+    counts = {"rows": len(rows), "prompts_truncated": 0, "prompts_dropped": 0, "responses_truncated": 0}
+    for row in rows:
+        prompt = tok.encode(render_prompt(row))
+        response = tok.encode(references(row)[0])
+        if len(prompt) > max_prompt:
+            if long_prompts == "drop":
+                counts["prompts_dropped"] += 1
+                continue
+            prompt = prompt[:max_prompt]
+            counts["prompts_truncated"] += 1
+        room = max_total - len(prompt) - 1  # one slot for EOS
+        if len(response) > room:
+            response = response[: max(room, 0)]
+            counts["responses_truncated"] += 1
+        pairs.append((prompt, response))
+        kept.append(row)
+    counts["kept"] = len(pairs)
+    return pairs, kept, counts
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.max_prompt_tokens < 1 or args.max_total_tokens <= args.max_prompt_tokens:
+        raise DistillError("need 0 < --max-prompt-tokens < --max-total-tokens")
+    dest = os.path.abspath(args.destdir)
+    if os.path.exists(dest) and not args.overwrite:
+        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+
+    t0 = time.time()
+    files = {s: getattr(args, s) for s in SPLITS if getattr(args, s)}
+    data = {s: read_instruction_jsonl(path) for s, path in files.items()}  # validate all first
+    print(f"| read {', '.join(f'{s}: {len(r)} rows' for s, r in data.items())}", flush=True)
+
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".prepare-", dir=os.path.dirname(dest) or ".")
+    try:
+        out = os.path.join(work, "bin")
+        os.makedirs(out)
+        if args.spm_model:
+            tok = SentencePieceTokenizer(args.spm_model)
+        else:
+            texts = [t for r in data["train"] for t in (render_prompt(r), references(r)[0])]
+            tok = SentencePieceTokenizer.train(texts, os.path.join(work, "spm"), args.vocab_size)
+            print(f"| trained a SentencePiece model, {tok.sp.get_piece_size()} pieces", flush=True)
+        tok.save(out)
+        dict_file = os.path.join(work, "dict.txt")
+        with open(dict_file, "w", encoding="utf-8") as f:
+            f.writelines(f"{piece} 1\n" for piece in tok.vocabulary())
+
+        report = {"tokenizer": tok.kind, "max_prompt_tokens": args.max_prompt_tokens,
+                  "max_total_tokens": args.max_total_tokens, "long_prompts": args.long_prompts, "splits": {}}
+        prefs = []
+        for split, rows in data.items():
+            pairs, kept, counts = encode_split(
+                rows, tok, args.max_prompt_tokens, args.max_total_tokens, args.long_prompts
+            )
+            if not pairs:
+                raise DistillError(f"{files[split]}: no example left after dropping long prompts")
+            for side, idx in (("src", 0), ("tgt", 1)):
+                with open(os.path.join(work, f"{split}.{side}"), "w", encoding="utf-8") as f:
+                    f.writelines(" ".join(pair[idx]) + "\n" for pair in pairs)
+            with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+            prompt_lens = [len(p) for p, _ in pairs]
+            resp_lens = [len(r) + 1 for _, r in pairs]
+            counts["prompt_tokens_mean"] = round(sum(prompt_lens) / len(pairs), 1)
+            counts["response_tokens_mean"] = round(sum(resp_lens) / len(pairs), 1)
+            report["splits"][split] = counts
+            prefs += [f"--{split}pref", os.path.join(work, split)]
+            print(f"| {split}: {counts}", flush=True)
+
+        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt",
+               "--joined-dictionary", "--srcdict", dict_file, "--destdir", out,
+               "--workers", str(args.workers), *prefs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise DistillError(f"fairseq-preprocess failed: {tail}")
+        with open(os.path.join(out, "prepare_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"| wrote {dest} in {time.time() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Distillation criterions (fairseq does not auto-import criterions from --user-dir)."""
+from . import adaptive_kl, js, kd, reverse_kl, skew_kl, skew_reverse_kl, tvd  # noqa: F401

@@ -1,0 +1,81 @@
+"""Tokenizers that turn text into the whitespace-free token strings fairseq-preprocess binarizes.
+
+The data directory records its tokenizer in ``tokenizer.json`` so that every later step (training,
+generation, scoring) decodes with exactly the same one. Only SentencePiece exists today; a
+checkpoint's own tokenizer (Hugging Face) plugs in here behind the same four methods.
+"""
+import json
+import os
+import shutil
+from typing import Iterable, List
+
+from ..errors import DistillError
+
+TOKENIZER_META = "tokenizer.json"
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (unigram, byte fallback, so no text maps to <unk>)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_file):
+            raise DistillError(f"sentencepiece model {model_file} does not exist")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self._pieces = {self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], model_prefix: str, vocab_size: int) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=1.0,
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            bos_id=-1,
+            eos_id=-1,
+            unk_id=0,
+            num_threads=2,
+            minloglevel=2,
+        )
+        return cls(model_prefix + ".model")
+
+    def encode(self, text: str) -> List[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def decode(self, tokens: List[str]) -> str:
+        # fairseq's own symbols (<unk>, madeupwordNNNN padding) are not pieces: drop them.
+        return self.sp.decode_pieces([t for t in tokens if t in self._pieces])
+
+    def vocabulary(self) -> List[str]:
+        """Every piece but <unk> (fairseq's dictionary has its own), in id order."""
+        return [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size()) if i != self.sp.unk_id()]
+
+    def save(self, directory: str) -> dict:
+        shutil.copyfile(self.model_file, os.path.join(directory, "spm.model"))
+        meta = {"type": self.kind, "model": "spm.model"}
+        with open(os.path.join(directory, TOKENIZER_META), "w") as f:
+            json.dump(meta, f, indent=1)
+        return meta
+
+
+def load_tokenizer(data_dir: str):
+    """The tokenizer recorded in a prepared data directory."""
+    path = os.path.join(data_dir, TOKENIZER_META)
+    if not os.path.isfile(path):
+        raise DistillError(
+            f"{data_dir} has no {TOKENIZER_META}; prepare it with distill-prepare"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("type") == SentencePieceTokenizer.kind:
+        return SentencePieceTokenizer(os.path.join(data_dir, meta["model"]))
+    raise DistillError(f"{path}: unknown tokenizer type {meta.get('type')!r}")

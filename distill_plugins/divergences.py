@@ -1,0 +1,171 @@
+"""Token-level divergences between a teacher and a student distribution: pure functions.
+
+Every function takes ``student_logits`` and ``teacher_logits`` of the same shape ``[..., V]`` (any
+float dtype) and returns the per-position divergence ``[...]`` in float32. Probabilities are always
+formed in float32 (never in the input's bf16/fp16), and mixtures are formed in probability space,
+then logged, with no epsilon (DistiLLM and DSKD do the same; spec section 1 and 7.3).
+
+Conventions (``../shared/specs/methods.md``):
+
+* p = softmax(teacher / T), q = softmax(student / T); ``temperature`` T divides both, without the
+  Hinton T^2 factor (DSKD's convention; T = 1 reproduces DistiLLM/MiniLLM).
+* ``forward_kl`` is the true KL(p || q) = sum p (log p - log q). DistiLLM and MiniLLM log the soft
+  cross-entropy -sum p log q instead, which is KL + H(p): same gradient, different value.
+* Non-finite logits: a vocabulary entry whose logit is +-inf in either model contributes nothing to
+  the sum over the vocabulary (the references' ``masked_fill(isinf(s) | isinf(t), 0)``). A ``+inf``
+  logit is treated like ``-inf`` inside the softmax, so it can never turn a row into NaN; the
+  references produce NaN there. Masked entries also get no gradient.
+
+Registry: ``DIVERGENCES`` maps the names used by criterions and options to these functions.
+"""
+from typing import Callable, Dict, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "forward_kl",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "js_divergence",
+    "total_variation",
+    "adaptive_kl",
+    "DIVERGENCES",
+    "get_divergence",
+]
+
+
+class _Dists(NamedTuple):
+    q: Tensor  # student probabilities (0 at masked entries' -inf, else the softmax)
+    p: Tensor  # teacher probabilities
+    log_q: Tensor  # student log-probabilities, 0 at masked entries
+    log_p: Tensor  # teacher log-probabilities, 0 at masked entries
+    masked: Tensor  # bool, True where either logit is +-inf
+
+
+def _distributions(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> _Dists:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    s = student_logits.float()
+    t = teacher_logits.float()
+    if temperature != 1.0:
+        s = s / temperature
+        t = t / temperature
+    s_inf, t_inf = torch.isinf(s), torch.isinf(t)
+    masked = s_inf | t_inf
+    if s_inf.any():
+        s = s.masked_fill(s == float("inf"), float("-inf"))
+    if t_inf.any():
+        t = t.masked_fill(t == float("inf"), float("-inf"))
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    # Zero the log terms where masked: every product below then vanishes there, forward and
+    # backward (no 0 * inf = NaN in either direction).
+    return _Dists(q, p, log_q.masked_fill(masked, 0.0), log_p.masked_fill(masked, 0.0), masked)
+
+
+def _safe_log(x: Tensor, masked: Tensor) -> Tensor:
+    """log(x), 0 at masked entries. Clamping at the smallest normal float only changes entries
+    whose probabilities underflowed to 0 in both models, where log(0) would give 0 * inf = NaN."""
+    return torch.log(x.masked_fill(masked, 1.0).clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p || q) = sum_v p (log p - log q). Hinton et al. 2015; spec 1a/1c."""
+    d = _distributions(student_logits, teacher_logits, temperature)
+    return (d.p * (d.log_p - d.log_q)).sum(-1)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(q || p) = sum_v q (log q - log p). MiniLLM (Gu et al. 2024); spec 1a."""
+    d = _distributions(student_logits, teacher_logits, temperature)
+    return (d.q * (d.log_q - d.log_p)).sum(-1)
+
+
+def skew_kl(
+    student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> Tensor:
+    """Skew KL: KL(p || a p + (1 - a) q). DistiLLM (Ko et al. 2024), a = 0.1; a = 0 is forward KL."""
+    d = _distributions(student_logits, teacher_logits, temperature)
+    log_m = _safe_log(alpha * d.p + (1.0 - alpha) * d.q, d.masked)
+    return (d.p * (d.log_p - log_m)).sum(-1)
+
+
+def skew_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> Tensor:
+    """Skew reverse KL: KL(q || (1 - a) p + a q). DistiLLM, a = 0.1; a = 0 is reverse KL."""
+    d = _distributions(student_logits, teacher_logits, temperature)
+    log_m = _safe_log((1.0 - alpha) * d.p + alpha * d.q, d.masked)
+    return (d.q * (d.log_q - log_m)).sum(-1)
+
+
+def js_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0
+) -> Tensor:
+    """Generalized JSD: b KL(q || m) + (1 - b) KL(p || m), m = (1 - b) p + b q.
+
+    GKD (Agarwal et al. 2024) as DistiLLM writes it (its GKD baseline uses b = 0.9); b = 0.5 is the
+    classic Jensen-Shannon divergence (DSKD's ``js``), bounded by log 2. b = 0 and b = 1 give 0.
+    """
+    d = _distributions(student_logits, teacher_logits, temperature)
+    log_m = _safe_log((1.0 - beta) * d.p + beta * d.q, d.masked)
+    kl_q = (d.q * (d.log_q - log_m)).sum(-1)
+    kl_p = (d.p * (d.log_p - log_m)).sum(-1)
+    return beta * kl_q + (1.0 - beta) * kl_p
+
+
+def total_variation(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Total variation distance 1/2 sum_v |p - q|, in [0, 1]. DistiLLM ``tv_distance``."""
+    d = _distributions(student_logits, teacher_logits, temperature)
+    return 0.5 * (d.p - d.q).abs().masked_fill(d.masked, 0.0).sum(-1)
+
+
+def adaptive_kl(
+    student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.5, temperature: float = 1.0
+) -> Tensor:
+    """Adaptive KL (Wu et al. 2024, "Rethinking KL divergence in KD for LLMs"), DSKD's form.
+
+    Sort the teacher's probabilities ascending; the tail is the entries whose cumulative teacher
+    mass is <= alpha, the head the rest. With gaps g = sum |p - q| over head and tail (no gradient),
+    AKL = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL.
+    Where p == q exactly both gaps are 0; the reference then divides 0 by 0 (NaN), we return 0.
+    """
+    d = _distributions(student_logits, teacher_logits, temperature)
+    fkl = (d.p * (d.log_p - d.log_q)).sum(-1)
+    rkl = (d.q * (d.log_q - d.log_p)).sum(-1)
+    with torch.no_grad():
+        sorted_p, order = d.p.sort(dim=-1)
+        gap = (sorted_p - d.q.gather(-1, order)).abs().masked_fill(d.masked.gather(-1, order), 0.0)
+        tail = sorted_p.cumsum(-1) <= alpha
+        g_tail = gap.masked_fill(~tail, 0.0).sum(-1)
+        g_head = gap.sum(-1) - g_tail
+        total = (g_head + g_tail).clamp_min(torch.finfo(torch.float32).tiny)
+    return g_head / total * fkl + g_tail / total * rkl
+
+
+DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "js": js_divergence,
+    "tvd": total_variation,
+    "adaptive_kl": adaptive_kl,
+}
+
+
+def get_divergence(name: str) -> Callable[..., Tensor]:
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown divergence {name!r}; choose one of {', '.join(sorted(DIVERGENCES))}"
+        ) from None

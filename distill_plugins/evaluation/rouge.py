@@ -1,0 +1,40 @@
+"""Rouge-L as MiniLLM/DistiLLM/DSKD compute it (spec section 5).
+
+``rouge_score`` with stemming and its default tokenizer (lowercase, split on non-alphanumerics),
+F-measure, the maximum over references, x 100, averaged over examples. Responses are cut at the
+first end-of-text marker and stripped.
+"""
+from typing import List, Sequence
+
+from rouge_score import rouge_scorer
+
+_SCORER = None
+
+
+def _scorer():
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER
+
+
+def clean_response(text: str, eos_markers: Sequence[str] = ("<|endoftext|>", "</s>")) -> str:
+    for marker in eos_markers:
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut]
+    return text.strip()
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Max Rouge-L F-measure x 100 of one prediction over its references."""
+    scorer = _scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def corpus_rouge_l(predictions: Sequence[str], references: Sequence[List[str]]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    return sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(predictions)

@@ -1,0 +1,163 @@
+"""Task ``instruction_distillation``: a decoder-only LM trained on prompt -> response pairs.
+
+Without ``--teacher-path`` it is supervised fine-tuning (any criterion, e.g. fairseq's
+``cross_entropy``); with it, the distillation criterions get the teacher's logits. Data come from
+``distill-prepare`` (``{split}.src-tgt.{src,tgt}`` with one joined dictionary).
+
+Generation (``fairseq-generate``, ``--eval-rouge``) conditions on the prompt and returns only the
+response: pass ``--max-len-b`` as the total length (prompt included), e.g. 512.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.data import Dictionary, data_utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
+from ..errors import DistillError
+from ..generation import PromptSequenceGenerator
+from ..teacher import Teacher, dictionary_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstructionDistillationConfig(FairseqDataclass):
+    data: Optional[str] = field(default=None, metadata={"help": "data directory made by distill-prepare"})
+    tokens_per_sample: int = field(
+        default=512, metadata={"help": "max prompt + response tokens per example (longer ones are cut)"}
+    )
+    max_target_positions: Optional[int] = field(
+        default=None, metadata={"help": "model positions (default: the architecture's, 1024 for kd_gpt2_*)"}
+    )
+    add_bos_token: bool = field(default=False, metadata={"help": "kept False: EOS starts every sequence"})
+    teacher_path: Optional[str] = field(
+        default=None, metadata={"help": "fairseq checkpoint of the teacher (needed by every KD criterion)"}
+    )
+    teacher_dtype: ChoiceEnum(["fp32", "fp16", "bf16"]) = field(
+        default="fp32", metadata={"help": "dtype the frozen teacher runs in"}
+    )
+    teacher_device: str = field(
+        default="auto", metadata={"help": "device of the teacher: auto (the student's), cpu, cuda:N"}
+    )
+    seed: int = II("common.seed")
+
+
+@register_task("instruction_distillation", dataclass=InstructionDistillationConfig)
+class InstructionDistillationTask(FairseqTask):
+    cfg: InstructionDistillationConfig
+
+    def __init__(self, cfg: InstructionDistillationConfig, dictionary: Dictionary):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        self.teacher: Optional[Teacher] = None
+
+    @classmethod
+    def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
+        if not cfg.data:
+            raise DistillError("no data directory given; pass the directory made by distill-prepare")
+        data = utils.split_paths(cfg.data)[0]
+        dict_path = os.path.join(data, "dict.src.txt")
+        if not os.path.isfile(dict_path):
+            raise DistillError(f"{data} has no dict.src.txt; prepare it with distill-prepare")
+        dictionary = Dictionary.load(dict_path)
+        logger.info(f"dictionary: {len(dictionary)} types")
+        return cls(cfg, dictionary)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        data = utils.split_paths(self.cfg.data)[0]
+        parts = []
+        for side in ("src", "tgt"):
+            prefix = os.path.join(data, f"{split}.src-tgt.{side}")
+            ds = data_utils.load_indexed_dataset(prefix, self.dictionary)
+            if ds is None:
+                raise DistillError(f"{data} has no '{split}' split ({prefix}.bin); pass it to distill-prepare")
+            parts.append(ds)
+        if len(parts[0]) == 0:
+            raise DistillError(f"the '{split}' split in {data} is empty")
+        self.datasets[split] = PromptResponseDataset(
+            parts[0], parts[1], self.dictionary, max_len=self.cfg.tokens_per_sample, shuffle=(split == "train")
+        )
+        logger.info(f"{split}: {len(self.datasets[split])} examples")
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, **kwargs):
+        # fairseq 0.12.3's batch_by_size drops the last partial batch whenever
+        # required_batch_size_multiple > 1 (100 examples, batch 50, multiple 8 -> 96 seen), which
+        # would silently skip validation and generation examples. Batch with multiple 1.
+        return super().get_batch_iterator(
+            dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+            ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=1, **kwargs,
+        )
+
+    # -- teacher -------------------------------------------------------------------------------
+    def load_teacher(self) -> Optional[Teacher]:
+        if self.cfg.teacher_path and self.teacher is None:
+            self.teacher = Teacher.load(
+                self.cfg.teacher_path, self, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device
+            )
+        return self.teacher
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        # The teacher is loaded here, not in build_model: generating with or evaluating the
+        # student (which builds only the model) never loads the teacher.
+        self.load_teacher()
+        return super().build_criterion(cfg, from_checkpoint)
+
+    def state_dict(self):
+        return {
+            "dictionary": dictionary_fingerprint(self.dictionary),
+            "teacher": self.teacher.record() if self.teacher is not None else None,
+        }
+
+    def load_state_dict(self, state_dict):
+        previous = (state_dict or {}).get("teacher")
+        if previous and self.teacher is not None and previous["sha256"] != self.teacher.sha256:
+            logger.warning(
+                f"resuming with a different teacher: checkpoint was trained with {previous['path']} "
+                f"(sha256 {previous['sha256'][:12]}), now {self.teacher.path} ({self.teacher.sha256[:12]})"
+            )
+
+    # -- generation ----------------------------------------------------------------------------
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        return super().build_generator(
+            models, args, seq_gen_cls=seq_gen_cls or PromptSequenceGenerator,
+            extra_gen_cls_kwargs=extra_gen_cls_kwargs,
+        )
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Generate a response for each prompt; hypotheses hold the response tokens only.
+
+        ``sample["net_input"]`` is replaced by the prompt so that fairseq-generate's S- line shows it.
+        """
+        if constraints is not None:
+            raise NotImplementedError("constrained decoding is not supported by instruction_distillation")
+        prompts, lengths = prompt_batch(sample, self.dictionary.pad())
+        sample["net_input"] = {"src_tokens": prompts, "src_lengths": lengths}
+        with torch.no_grad():
+            hypos = generator.generate(models, sample, prefix_tokens=prompts, bos_token=self.dictionary.eos())
+        for i, beams in enumerate(hypos):
+            n = int(lengths[i])
+            for h in beams:
+                h["tokens"] = h["tokens"][n:]
+                h["positional_scores"] = h["positional_scores"][n:]
+                if h.get("attention") is not None and h["attention"].numel() > 0:
+                    h["attention"] = h["attention"][..., n:]
+        return hypos
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary

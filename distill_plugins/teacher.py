@@ -1,0 +1,98 @@
+"""The frozen teacher: loaded once, never a submodule of the student or the criterion.
+
+fairseq's Trainer puts every parameter of the model and the criterion into the optimizer, the
+checkpoint and the DDP/FSDP wrapper (``../shared/specs/fairseq_notes.md`` section 3), so the teacher
+lives in a plain Python object held by the task. It is in eval mode, has ``requires_grad=False``,
+runs under ``torch.no_grad`` in its own dtype, and is moved to the student's device on first use.
+The student's checkpoint records the teacher's path and sha256 (task state), never its weights.
+"""
+import hashlib
+import logging
+import os
+from typing import Optional
+
+import torch
+from fairseq import checkpoint_utils
+
+from .errors import DistillError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dictionary_fingerprint(dictionary) -> dict:
+    """Size and sha256 of a fairseq dictionary's symbols, to compare teacher and student vocabularies."""
+    h = hashlib.sha256("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
+    return {"size": len(dictionary), "sha256": h}
+
+
+class Teacher:
+    """A frozen fairseq model giving logits for the student's batches."""
+
+    def __init__(self, model, path: str, sha256: str, dtype: str = "fp32", device: Optional[str] = None):
+        self.model = model.eval().requires_grad_(False)
+        self.path, self.sha256 = path, sha256
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device(device) if device not in (None, "auto") else None
+        self.model.to(dtype=self.dtype)
+        if self.device is not None:
+            self.model.to(self.device)
+
+    @classmethod
+    def load(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None) -> "Teacher":
+        """Load a teacher checkpoint for ``task``'s data; refuse a teacher of another vocabulary."""
+        if not os.path.isfile(path):
+            raise DistillError(f"teacher checkpoint {path} does not exist; check --teacher-path")
+        if not os.access(path, os.R_OK):
+            raise DistillError(f"teacher checkpoint {path} is not readable; check its permissions")
+        try:
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        except Exception as e:  # a truncated or foreign file: say so in one line
+            raise DistillError(f"teacher checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from None
+        if "model" not in state or "cfg" not in state:
+            raise DistillError(f"{path} is not a fairseq checkpoint (no 'model'/'cfg'); check --teacher-path")
+        student = dictionary_fingerprint(task.target_dictionary)
+        recorded = ((state.get("extra_state") or {}).get("task_state") or {}).get("dictionary")
+        if recorded is None:  # a checkpoint of another task: compare the embedding table's rows
+            emb = state["model"].get("decoder.embed_tokens.weight")
+            recorded = {"size": None if emb is None else emb.size(0), "sha256": None}
+        if recorded["size"] != student["size"] or (
+            recorded["sha256"] is not None and recorded["sha256"] != student["sha256"]
+        ):
+            raise DistillError(
+                f"teacher dictionary (size {recorded['size']}) differs from the student's (size "
+                f"{student['size']}); prepare the student's data with the teacher's tokenizer and dictionary"
+            )
+        # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
+        models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
+        teacher = cls(models[0], path=os.path.abspath(path), sha256=sha256_file(path), dtype=dtype, device=device)
+        n = sum(p.numel() for p in teacher.model.parameters())
+        logger.info(f"teacher {path}: {n:,} parameters, {dtype}, sha256 {teacher.sha256[:12]}")
+        return teacher
+
+    def record(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256}
+
+    @torch.no_grad()
+    def logits(self, net_input: dict) -> torch.Tensor:
+        """Teacher logits [B, T, V] for the student's ``net_input``, on the student's device."""
+        src = net_input["src_tokens"]
+        if self.device is None:
+            first = next(self.model.parameters())
+            if first.device != src.device:
+                self.model.to(src.device)
+        dev = next(self.model.parameters()).device
+        inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in net_input.items()}
+        # Autocast from the student's --amp/--bf16 must not re-cast the teacher: it has its own dtype.
+        with torch.autocast(device_type=dev.type, enabled=False):
+            out = self.model(**inputs)[0]
+        return out.to(src.device)
