@@ -1,6 +1,7 @@
 """Workarounds that fairseq 0.12.3 needs on numpy 2 and torch >= 2.6 (see README, "Why ve-fairseq").
 
 - numpy 2 removed ``np.compat``; fairseq's LM datasets still read ``np.compat.long``.
+- fairseq-generate's BLEU scorer segfaults on empty hypotheses (patched below).
 - torch >= 2.6 loads checkpoints with ``weights_only=True``; legacy fairseq checkpoints pickle an
   ``argparse.Namespace``, which must be allow-listed.
 """
@@ -18,3 +19,36 @@ def apply():
         np.compat = types.SimpleNamespace(long=int)
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
+    _patch_bleu_empty_sequences()
+
+
+def _patch_bleu_empty_sequences():
+    """fairseq-generate's default BLEU scorer (C libbleu) segfaults when a hypothesis or reference
+    is empty after stripping EOS/pad, which a model that answers with EOS at once produces.
+    Such pairs are counted in Python exactly as the C code means to (lengths and n-gram counts,
+    no matches); all others go to the C code unchanged."""
+    try:
+        from fairseq.scoring import bleu
+    except ImportError:
+        return
+    original = bleu.Scorer.add
+    if getattr(original, "_distill_patched", False):
+        return
+
+    def add(self, ref, pred):
+        def content(t):
+            t = t.contiguous().view(-1)
+            return int((t.ne(self.pad) & t.ne(self.eos)).sum())
+
+        n_ref, n_pred = content(ref), content(pred)
+        if n_ref > 0 and n_pred > 0:
+            return original(self, ref, pred)
+        self.stat.reflen += n_ref
+        self.stat.predlen += n_pred
+        for n in range(1, 5):
+            setattr(self.stat, f"count{n}", getattr(self.stat, f"count{n}") + max(0, n_pred - n + 1))
+
+    add._distill_patched = True
+    bleu.Scorer.add = add
+    brevity = bleu.Scorer.brevity
+    bleu.Scorer.brevity = lambda self: 0.0 if self.stat.predlen == 0 else brevity(self)

@@ -61,7 +61,7 @@ class Teacher:
         if "model" not in state or "cfg" not in state:
             raise DistillError(f"{path} is not a fairseq checkpoint (no 'model'/'cfg'); check --teacher-path")
         student = dictionary_fingerprint(task.target_dictionary)
-        recorded = ((state.get("extra_state") or {}).get("task_state") or {}).get("dictionary")
+        recorded = (state.get("task_state") or {}).get("dictionary")
         if recorded is None:  # a checkpoint of another task: compare the embedding table's rows
             emb = state["model"].get("decoder.embed_tokens.weight")
             recorded = {"size": None if emb is None else emb.size(0), "sha256": None}

@@ -32,6 +32,15 @@ class SentencePieceTokenizer:
     def train(cls, texts: Iterable[str], model_prefix: str, vocab_size: int) -> "SentencePieceTokenizer":
         import sentencepiece as spm
 
+        try:
+            cls._train(spm, texts, model_prefix, vocab_size)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1]
+            raise DistillError(f"training the SentencePiece model failed ({msg}); adjust --vocab-size") from None
+        return cls(model_prefix + ".model")
+
+    @staticmethod
+    def _train(spm, texts, model_prefix, vocab_size):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_prefix=model_prefix,
@@ -46,7 +55,6 @@ class SentencePieceTokenizer:
             num_threads=2,
             minloglevel=2,
         )
-        return cls(model_prefix + ".model")
 
     def encode(self, text: str) -> List[str]:
         return self.sp.encode(text, out_type=str)

@@ -10,7 +10,7 @@ response: pass ``--max-len-b`` as the total length (prompt included), e.g. 512.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from fairseq import utils
@@ -38,7 +38,9 @@ class InstructionDistillationConfig(FairseqDataclass):
     )
     add_bos_token: bool = field(default=False, metadata={"help": "kept False: EOS starts every sequence"})
     teacher_path: Optional[str] = field(
-        default=None, metadata={"help": "fairseq checkpoint of the teacher (needed by every KD criterion)"}
+        default=None,
+        metadata={"help": "fairseq checkpoint of the teacher (needed by every KD criterion); several "
+                          "comma-separated checkpoints for multi-teacher criterions, the first is task.teacher"},
     )
     teacher_dtype: ChoiceEnum(["fp32", "fp16", "bf16"]) = field(
         default="fp32", metadata={"help": "dtype the frozen teacher runs in"}
@@ -56,7 +58,7 @@ class InstructionDistillationTask(FairseqTask):
     def __init__(self, cfg: InstructionDistillationConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        self.teacher: Optional[Teacher] = None
+        self.teachers: List[Teacher] = []
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -97,31 +99,38 @@ class InstructionDistillationTask(FairseqTask):
         )
 
     # -- teacher -------------------------------------------------------------------------------
-    def load_teacher(self) -> Optional[Teacher]:
-        if self.cfg.teacher_path and self.teacher is None:
-            self.teacher = Teacher.load(
-                self.cfg.teacher_path, self, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device
-            )
-        return self.teacher
+    @property
+    def teacher(self) -> Optional[Teacher]:
+        """The (first) teacher, or None for supervised fine-tuning."""
+        return self.teachers[0] if self.teachers else None
+
+    def load_teachers(self) -> List[Teacher]:
+        if self.cfg.teacher_path and not self.teachers:
+            paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
+            self.teachers = [
+                Teacher.load(p, self, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device) for p in paths
+            ]
+        return self.teachers
 
     def build_criterion(self, cfg, from_checkpoint=False):
         # The teacher is loaded here, not in build_model: generating with or evaluating the
         # student (which builds only the model) never loads the teacher.
-        self.load_teacher()
+        self.load_teachers()
         return super().build_criterion(cfg, from_checkpoint)
 
     def state_dict(self):
         return {
             "dictionary": dictionary_fingerprint(self.dictionary),
-            "teacher": self.teacher.record() if self.teacher is not None else None,
+            "teachers": [t.record() for t in self.teachers],
         }
 
     def load_state_dict(self, state_dict):
-        previous = (state_dict or {}).get("teacher")
-        if previous and self.teacher is not None and previous["sha256"] != self.teacher.sha256:
+        previous = [t["sha256"] for t in (state_dict or {}).get("teachers", [])]
+        current = [t.sha256 for t in self.teachers]
+        if previous and current and previous != current:
             logger.warning(
-                f"resuming with a different teacher: checkpoint was trained with {previous['path']} "
-                f"(sha256 {previous['sha256'][:12]}), now {self.teacher.path} ({self.teacher.sha256[:12]})"
+                f"resuming with different teachers: the checkpoint was trained with sha256 "
+                f"{[p[:12] for p in previous]}, now {[c[:12] for c in current]}"
             )
 
     # -- generation ----------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny instruction data, prepared data-bin and a tiny teacher, built once per session
+through the real CLIs (distill-prepare -> fairseq-preprocess, fairseq-train)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "distill_plugins")
+BIN = os.path.dirname(sys.executable)
+
+# The smallest model that still exercises every code path (1 layer, 32 dims).
+TINY_MODEL = [
+    "--arch", "kd_gpt2_tiny", "--decoder-layers", "1", "--decoder-embed-dim", "32",
+    "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+]
+TRAIN_COMMON = [
+    "--user-dir", USER_DIR, "--task", "instruction_distillation", "--cpu",
+    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5",
+    "--max-tokens", "1024", "--log-format", "simple", "--log-interval", "1",
+    "--no-epoch-checkpoints", "--seed", "1", "--num-workers", "0",
+]
+
+WORDS = ("apple banana cherry dog eagle fish grape house island jungle kite lemon mango night ocean "
+         "pear queen river sun tree umbrella violet water yellow zebra").split()
+
+
+def cli(name):
+    """Path of a console script installed next to this Python (fairseq-train, distill-prepare...)."""
+    return os.path.join(BIN, name)
+
+
+def run(cmd, check=True, timeout=600, env=None, **kw):
+    """Run a CLI; on an unexpected exit code fail with the tail of its output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{cmd[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_rows(n, seed):
+    """Learnable toy instructions: repeat / reverse a few words; some with an input, one empty output."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 5))
+        if i % 3 == 0:
+            rows.append({"instruction": "Reverse the words.", "input": " ".join(words),
+                         "output": " ".join(reversed(words))})
+        else:
+            rows.append({"instruction": "Repeat: " + " ".join(words), "input": "", "output": " ".join(words)})
+    rows[0]["output"] = ""  # an empty response: trains EOS only
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_jsonl(tmp_path_factory):
+    d = tmp_path_factory.mktemp("jsonl")
+    return {
+        "train": write_jsonl(d / "train.jsonl", make_rows(240, 0)),
+        "valid": write_jsonl(d / "valid.jsonl", make_rows(24, 1)),
+        "test": write_jsonl(d / "test.jsonl", make_rows(16, 2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def data_bin(tiny_jsonl, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("data") / "bin"
+    run([cli("distill-prepare"), "--train", tiny_jsonl["train"], "--valid", tiny_jsonl["valid"],
+         "--test", tiny_jsonl["test"], "--destdir", dest, "--vocab-size", "400"])
+    return str(dest)
+
+
+def train(data, save_dir, *extra, max_update=10, check=True, env=None):
+    """fairseq-train on the tiny data; returns the CompletedProcess."""
+    return run([cli("fairseq-train"), data, *TRAIN_COMMON, *TINY_MODEL, "--save-dir", save_dir,
+                "--max-update", str(max_update), *extra], check=check, env=env)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(data_bin, tmp_path_factory):
+    """A tiny SFT teacher (a little wider than the students)."""
+    save = tmp_path_factory.mktemp("teacher")
+    train(data_bin, save, "--criterion", "cross_entropy", "--decoder-embed-dim", "48", max_update=30)
+    return str(save / "checkpoint_best.pt")
