@@ -1,8 +1,9 @@
 """Token-level divergences between a teacher and a student distribution: pure functions.
 
 Every function takes ``student_logits`` and ``teacher_logits`` of the same shape ``[..., V]`` (any
-float dtype) and returns the per-position divergence ``[...]`` in float32. Probabilities are always
-formed in float32 (never in the input's bf16/fp16), and mixtures are formed in probability space,
+float dtype) and returns the per-position divergence ``[...]`` in float32 (float64 if an input is
+float64). Probabilities are always formed in at least float32 (never in the input's bf16/fp16; a
+float64 input, e.g. for gradcheck, stays float64), and mixtures are formed in probability space,
 then logged, with no epsilon (DistiLLM and DSKD do the same; spec section 1 and 7.3).
 
 Conventions (``../shared/specs/methods.md``):
@@ -14,7 +15,8 @@ Conventions (``../shared/specs/methods.md``):
 * Non-finite logits: a vocabulary entry whose logit is +-inf in either model contributes nothing to
   the sum over the vocabulary (the references' ``masked_fill(isinf(s) | isinf(t), 0)``). A ``+inf``
   logit is treated like ``-inf`` inside the softmax, so it can never turn a row into NaN; the
-  references produce NaN there. Masked entries also get no gradient.
+  references produce NaN there. An infinite logit gets zero gradient; a finite logit at a masked
+  entry (its partner is infinite) still gets the gradient of its own softmax normalisation.
 
 Registry: ``DIVERGENCES`` maps the names used by criterions and options to these functions.
 """
@@ -50,8 +52,9 @@ def _distributions(student_logits: Tensor, teacher_logits: Tensor, temperature: 
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
-    s = student_logits.float()
-    t = teacher_logits.float()
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
     if temperature != 1.0:
         s = s / temperature
         t = t / temperature

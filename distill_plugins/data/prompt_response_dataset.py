@@ -15,6 +15,33 @@ import torch
 from fairseq.data import FairseqDataset, data_utils
 
 
+def join_prompt_response(prompt, response, pad: int, eos: int, max_len: int, index: int = 0):
+    """One example: ``prompt`` without EOS, ``response`` with its EOS (if it ended)."""
+    tokens = torch.cat([prompt, response])[:max_len]
+    n_prompt = min(len(prompt), max_len)
+    source = torch.cat([tokens.new_tensor([eos]), tokens[:-1]])
+    target = tokens.clone()
+    target[:n_prompt] = pad
+    return {"id": index, "source": source, "target": target, "prompt_length": n_prompt}
+
+
+def collate_examples(samples, pad: int):
+    """Right-padded batch of ``join_prompt_response`` examples, in fairseq's sample format."""
+    src = data_utils.collate_tokens([s["source"] for s in samples], pad, left_pad=False)
+    tgt = data_utils.collate_tokens([s["target"] for s in samples], pad, left_pad=False)
+    return {
+        "id": torch.LongTensor([s["id"] for s in samples]),
+        "nsentences": len(samples),
+        "ntokens": int(tgt.ne(pad).sum()),  # response tokens + EOS: the loss's tokens
+        "net_input": {
+            "src_tokens": src,
+            "src_lengths": torch.LongTensor([len(s["source"]) for s in samples]),
+        },
+        "target": tgt,
+        "prompt_lengths": torch.LongTensor([s["prompt_length"] for s in samples]),
+    }
+
+
 class PromptResponseDataset(FairseqDataset):
     def __init__(self, prompts, responses, dictionary, max_len: int = 512, shuffle: bool = True):
         assert len(prompts) == len(responses), "prompt and response datasets differ in length"
@@ -34,29 +61,12 @@ class PromptResponseDataset(FairseqDataset):
     def __getitem__(self, index):
         prompt = self.prompts[index][:-1]  # drop the EOS that binarization appended
         response = self.responses[index]  # keeps its EOS
-        tokens = torch.cat([prompt, response])[: self.max_len]
-        n_prompt = min(len(prompt), self.max_len)
-        source = torch.cat([tokens.new_tensor([self.eos]), tokens[:-1]])
-        target = tokens.clone()
-        target[:n_prompt] = self.pad
-        return {"id": index, "source": source, "target": target, "prompt_length": n_prompt}
+        return join_prompt_response(prompt, response, self.pad, self.eos, self.max_len, index)
 
     def collater(self, samples):
         if len(samples) == 0:
             return {}
-        src = data_utils.collate_tokens([s["source"] for s in samples], self.pad, left_pad=False)
-        tgt = data_utils.collate_tokens([s["target"] for s in samples], self.pad, left_pad=False)
-        return {
-            "id": torch.LongTensor([s["id"] for s in samples]),
-            "nsentences": len(samples),
-            "ntokens": int(tgt.ne(self.pad).sum()),  # response tokens + EOS: the loss's tokens
-            "net_input": {
-                "src_tokens": src,
-                "src_lengths": torch.LongTensor([len(s["source"]) for s in samples]),
-            },
-            "target": tgt,
-            "prompt_lengths": torch.LongTensor([s["prompt_length"] for s in samples]),
-        }
+        return collate_examples(samples, self.pad)
 
     def num_tokens(self, index):
         return int(self.sizes[index])

@@ -1,0 +1,94 @@
+"""Sampling responses inside the training loop (ImitKD, GKD, DistiLLM, MiniLLM rollouts).
+
+Uses fairseq's SequenceGenerator through the task (prompt forced token by token, incremental
+decoding, top-p and temperature), so training-time generation and evaluation share one code path.
+``MixtureLM`` samples from (1 - a) q_student + a p_teacher per step: MiniLLM's teacher-mixed
+sampling (spec section 2), without a patched ``generate``.
+
+Generated responses are turned into training batches with ``join_prompt_response``: the label of
+position t is token t + 1 (a proper next-token shift, unlike DistiLLM's sampler, which labels each
+position with its own input token; spec section 3 (obs)).
+"""
+import math
+from argparse import Namespace
+from typing import List, Optional, Sequence
+
+import torch
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
+
+from .data.prompt_response_dataset import collate_examples, join_prompt_response, prompt_batch
+
+
+class MixtureDecoder(FairseqIncrementalDecoder):
+    """Decoder whose 'logits' are log sum_i w_i softmax(decoder_i): a normalized log-mixture."""
+
+    def __init__(self, dictionary, decoders: Sequence, weights: Sequence[float]):
+        super().__init__(dictionary)
+        self.members = torch.nn.ModuleList(decoders)
+        self.register_buffer("log_w", torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]))
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        # Each member keys its cache by its own module ids, so one incremental_state dict serves all
+        # (and fairseq's reorder_incremental_state_scripting already walks the members' modules).
+        parts = [
+            torch.log_softmax(d(prev_output_tokens, incremental_state=incremental_state)[0].float(), dim=-1) + lw
+            for d, lw in zip(self.members, self.log_w)
+        ]
+        return torch.logsumexp(torch.stack(parts), dim=0), {"attn": [None]}
+
+    def max_positions(self):
+        return min(d.max_positions() for d in self.members)
+
+
+class MixtureLM(FairseqLanguageModel):
+    """Language model sampling from the weighted mixture of several LMs with one dictionary."""
+
+    def __init__(self, models: Sequence, weights: Sequence[float]):
+        assert len(models) == len(weights) and abs(sum(weights) - 1.0) < 1e-6, "weights must sum to 1"
+        super().__init__(MixtureDecoder(models[0].decoder.dictionary, [m.decoder for m in models], weights))
+
+
+def generation_args(top_p: float = 1.0, temperature: float = 1.0, max_len: int = 512, top_k: int = 0,
+                    no_repeat_ngram_size: int = 0, beam: int = 1, sampling: bool = True) -> Namespace:
+    """Arguments for ``task.build_generator``; top_k 0 / top_p 1.0 mean 'off' (fairseq uses -1)."""
+    return Namespace(
+        beam=beam, sampling=sampling, sampling_topk=top_k if top_k > 0 else -1,
+        sampling_topp=top_p if top_p < 1.0 else -1.0, temperature=temperature,
+        max_len_a=0, max_len_b=max_len - 1, min_len=1, no_repeat_ngram_size=no_repeat_ngram_size,
+        lenpen=1, unkpen=0, match_source_len=False, diverse_beam_groups=-1, diverse_beam_strength=0.5,
+        diversity_rate=-1, constraints=None, prefix_allowed_tokens_fn=None, print_alignment=None,
+        iter_decode_max_iter=10, iter_decode_eos_penalty=0.0, iter_decode_force_max_iter=False,
+        iter_decode_with_beam=1, iter_decode_with_external_reranker=False, retain_iter_history=False,
+        retain_dropout=False, score_reference=False, unnormalized=False, no_early_stop=False,
+        nbest=1, eos_token=None,
+    )
+
+
+@torch.no_grad()
+def generate_responses(task, model, sample, generator=None, **gen_kwargs) -> List[torch.Tensor]:
+    """Sample one response per prompt of ``sample`` (a batch of the task's dataset).
+
+    Returns response token tensors (ending with EOS when the model stopped). ``model`` is put in
+    eval mode for sampling (no dropout) and restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if generator is None:
+            generator = task.build_generator([model], generation_args(**gen_kwargs))
+        hypos = task.inference_step(generator, [model], dict(sample))
+    finally:
+        model.train(was_training)
+    return [beams[0]["tokens"] for beams in hypos]
+
+
+def batch_from_responses(sample, responses: List[torch.Tensor], pad: int, eos: int, max_len: int,
+                         ids: Optional[torch.Tensor] = None):
+    """A training batch pairing the prompts of ``sample`` with generated ``responses``."""
+    prompts, lengths = prompt_batch(sample, pad)
+    ids = sample["id"] if ids is None else ids
+    examples = [
+        join_prompt_response(prompts[i, : int(lengths[i])].cpu(), responses[i].cpu(), pad, eos, max_len, int(ids[i]))
+        for i in range(len(responses))
+    ]
+    return collate_examples(examples, pad)
