@@ -174,6 +174,7 @@ def _chunks(n: int, size: int):
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, spec: _Spec):
+        ctx.student_dtype = student.dtype
         n = student.size(0)
         ce = student.new_zeros((), dtype=torch.float32)
         kd = student.new_zeros((), dtype=torch.float32)
@@ -201,6 +202,7 @@ class _ChunkedKD(torch.autograd.Function):
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, spec: _Spec):
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         n = hidden.size(0)
         ce = hidden.new_zeros((), dtype=torch.float32)
         kd = hidden.new_zeros((), dtype=torch.float32)
@@ -254,11 +256,9 @@ def chunked_kd_loss(
     _check(chunk_size, student_logits.size(0), labels, teacher)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, value_and_grad)
-    fn = _ChunkedKD
     if not need_grad:
-        return KDLoss(*fn.forward(_Ctx(), student_logits, spec))
-    out = fn.apply(student_logits, spec)
-    return KDLoss(*out)
+        return KDLoss(*_ChunkedKD.forward(_Ctx(), student_logits, spec))
+    return KDLoss(*_ChunkedKD.apply(student_logits, spec))
 
 
 def fused_kd_loss(
@@ -299,23 +299,3 @@ class _Ctx:
 
     def mark_non_differentiable(self, *tensors):
         pass
-
-
-# dtypes the backward casts back to (set at forward time through setup_context-free attributes)
-def _remember_dtypes():
-    chunked_forward = _ChunkedKD.forward
-    fused_forward = _FusedKD.forward
-
-    def chunked(ctx, student, spec):
-        ctx.student_dtype = student.dtype
-        return chunked_forward(ctx, student, spec)
-
-    def fused(ctx, hidden, weight, spec):
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        return fused_forward(ctx, hidden, weight, spec)
-
-    _ChunkedKD.forward = staticmethod(chunked)
-    _FusedKD.forward = staticmethod(fused)
-
-
-_remember_dtypes()
