@@ -1,0 +1,49 @@
+"""The Triton KD kernel equals the plain divergences (values and gradients). Needs a CUDA GPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_plugins import divergences, triton_kd
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_kd.triton is not None),
+    reason="needs a CUDA GPU with triton (CI has none; run on a GPU machine)",
+)
+
+COEF = {"skew_kl": 0.1, "skew_reverse_kl": 0.1, "js": 0.9}
+
+
+def reference(s, t, y, name, r, temp, coef):
+    s = s.detach().double().requires_grad_(True)
+    kw = {"alpha": coef} if "skew" in name else {"beta": coef} if name == "js" else {}
+    fn = divergences.DIVERGENCES["tvd" if name == "tvd" else name]
+    kd = fn(s, t.double(), temperature=temp, **kw).sum()
+    ce = F.cross_entropy(s, y, reduction="sum")
+    loss = (1 - r) * ce + r * kd
+    loss.backward()
+    return loss.detach(), ce.detach(), kd.detach(), s.grad
+
+
+@pytest.mark.parametrize("name", list(triton_kd.DIVERGENCE_IDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_triton_matches_plain(name, dtype, temp):
+    torch.manual_seed(0)
+    n, v = 37, 5003  # v not a multiple of the block
+    s = (3 * torch.randn(n, v, device="cuda")).to(dtype)
+    t = (3 * torch.randn(n, v, device="cuda")).to(dtype)
+    s[0, :7] = float("-inf"); t[1, 5:9] = float("-inf"); s[2, 3] = float("-inf"); t[2, 3] = float("-inf")
+    t[3, 11] = float("inf")
+    y = torch.randint(0, v, (n,), device="cuda")
+    y[0] = 100
+    coef = COEF.get(name, 0.0)
+    r = 0.7
+    s_in = s.clone().requires_grad_(True)
+    loss, ce, kd = triton_kd.triton_kd_loss(s_in, t, y, name, r, temp, coef)
+    loss.backward()
+    # the reference sees the same rounded inputs, computed in float64
+    ref_loss, ref_ce, ref_kd, ref_grad = reference(s.float(), t.float(), y, name, r, temp, coef)
+    assert torch.allclose(kd.double(), ref_kd, rtol=1e-4, atol=1e-3), (kd, ref_kd)
+    assert torch.allclose(ce.double(), ref_ce, rtol=1e-4, atol=1e-3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(s_in.grad.double(), ref_grad, atol=tol), (s_in.grad.double() - ref_grad).abs().max()
