@@ -1,14 +1,15 @@
 """fairseq-distill: knowledge distillation of language models as fairseq plugins.
 
 ``fairseq-train --user-dir distill_plugins ...`` (or ``import distill_plugins``) registers the task
-``instruction_distillation``, the divergence criterions and the ``kd_gpt2_*`` architectures.
+``instruction_distillation``, the divergence criterions, the ``kd_gpt2_*`` architectures and ``hf_causal_lm``.
 """
 from . import compat
 
 compat.apply()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
-from .models import gpt2_family  # noqa: E402,F401
+from .models import gpt2_family, hf_causal_lm  # noqa: E402,F401
 from .tasks import instruction_distillation  # noqa: E402,F401
+from .tasks import minillm  # noqa: E402,F401
 
 __version__ = "0.1.0"

@@ -22,8 +22,10 @@ Two forms:
 
 The teacher side is either its logits [N, V] or ``ProjectedLogits(hidden, weight)``, whose rows are
 produced per chunk in the teacher's dtype; a list of either gives the divergence one teacher-logit
-chunk per teacher (multi-teacher losses). Divergences are row-wise, so every chunk size gives the
-same result as the plain form; +-inf logits keep the plain form's semantics (``divergences.py``).
+chunk per teacher (multi-teacher losses); with ``part_weights`` (w_1..w_K) the divergence returns
+[n, K] columns D_k, the KD term is sum_k w_k D_k and ``KDLoss.parts`` holds the K sums of D_k.
+Divergences are row-wise, so every chunk size gives the same result as the plain form; +-inf
+logits keep the plain form's semantics (``divergences.py``).
 The gradient is computed during the forward pass: call ``backward`` at most once on the result.
 """
 from dataclasses import dataclass
@@ -39,14 +41,14 @@ __all__ = [
     "plain_kd_loss",
     "chunked_kd_loss",
     "fused_kd_loss",
-    "forward_kl_value_and_grad",
+    "forward_kl_loss_and_grad",
     "DEFAULT_CHUNK_SIZE",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024
 
 Divergence = Callable[..., Tensor]  # (student [n, V], teacher [n, V] or list of them) -> [n]
-ValueAndGrad = Callable[..., Tuple[Tensor, Tensor]]  # same inputs -> ([n], d sum / d student [n, V])
+LossAndGrad = Callable[..., Tuple[Tensor, Tensor, Optional[Tensor]]]  # see forward_kl_loss_and_grad
 
 
 class ProjectedLogits(NamedTuple):
@@ -70,6 +72,7 @@ class KDLoss(NamedTuple):
     loss: Tensor  # (1 - r) ce + r kd, differentiable
     ce: Tensor  # sum of the cross-entropies, no gradient
     kd: Tensor  # sum of the divergences, no gradient
+    parts: Optional[Tensor] = None  # [K] unweighted sums of the K parts (``part_weights``), no gradient
 
 
 def _teacher_rows(teachers: Teachers, start: int, end: int):
@@ -88,45 +91,127 @@ def _count_rows(teachers: Teachers) -> int:
 
 
 def plain_kd_loss(
-    student_logits: Tensor, labels: Tensor, teacher_logits, divergence: Divergence, kd_ratio: float
+    student_logits: Tensor, labels: Tensor, teacher_logits, divergence: Divergence, kd_ratio: float,
+    part_weights: Optional[Sequence[float]] = None,
 ) -> KDLoss:
     """The criterion's plain form, on materialised logits (reference for tests and benchmarks)."""
     ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
-    kd = divergence(student_logits, teacher_logits).sum()
-    return KDLoss((1.0 - kd_ratio) * ce + kd_ratio * kd, ce.detach(), kd.detach())
+    rows = divergence(student_logits, teacher_logits)
+    parts = None
+    if part_weights is not None:
+        parts = rows.detach().sum(0)
+        rows = rows * rows.new_tensor(part_weights)
+    kd = rows.sum()
+    return KDLoss((1.0 - kd_ratio) * ce + kd_ratio * kd, ce.detach(), kd.detach(), parts)
 
 
-def forward_kl_value_and_grad(student: Tensor, teacher: Tensor, temperature: float = 1.0):
-    """Forward KL(p || q) per row and its gradient w.r.t. the float32 student logits, analytically.
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[i, v] b[i, v] per row, without an [n, V] product tensor."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
-    With U the entries that are finite in both models and P_U = sum_U p:
-    d/ds_j sum_U p (log p - log q) = (q_j P_U - p_j [j in U]) / T. Equals ``divergences.forward_kl``
-    and its autograd gradient (+-inf entries contribute and receive nothing).
-    """
-    s = student.float()
-    t = teacher.float()
-    if temperature != 1.0:
-        s, t = s / temperature, t / temperature
-    s_inf, t_inf = torch.isinf(s), torch.isinf(t)
-    masked = s_inf | t_inf
-    any_masked = bool(masked.any())
-    if any_masked:
-        s = s.masked_fill(s == float("inf"), float("-inf"))
-        t = t.masked_fill(t == float("inf"), float("-inf"))
+
+def _ce_rows_and_grad(log_q: Tensor, labels: Tensor, need_grad: bool):
+    """CE per row from log_softmax(s), and its gradient softmax(s) - onehot (made in place of log_q)."""
+    ce_rows = -log_q.gather(1, labels.unsqueeze(1)).squeeze(1)
+    if not need_grad:
+        return ce_rows, None
+    grad = log_q.exp_()
+    grad[torch.arange(labels.numel(), device=grad.device), labels] -= 1.0
+    return ce_rows, grad
+
+
+def _forward_kl_masked(s: Tensor, t: Tensor, temperature: float):
+    """Forward KL per row and its gradient w.r.t. s, with +-inf entries masked (slow path).
+
+    With U the entries finite in both models and P_U = sum_U p:
+    d/ds_j sum_U p (log p - log q) = (q_j P_U - p_j [j in U]) / T."""
+    s, t = s / temperature, t.float() / temperature
+    masked = torch.isinf(s) | torch.isinf(t)
+    s = s.masked_fill(s == float("inf"), float("-inf"))
+    t = t.masked_fill(t == float("inf"), float("-inf"))
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
-    p = log_p.exp()
-    if any_masked:
-        p_u = p.masked_fill(masked, 0.0)
-        value = (p_u * (log_p.masked_fill(masked, 0.0) - log_q.masked_fill(masked, 0.0))).sum(-1)
-        mass = p_u.sum(-1, keepdim=True)
-        grad = log_q.exp_().mul_(mass).sub_(p_u)
-    else:
-        value = (p * (log_p - log_q)).sum(-1)
-        grad = log_q.exp_().sub_(p)  # P_U = 1
-    if temperature != 1.0:
-        grad.div_(temperature)
+    p_u = log_p.exp().masked_fill_(masked, 0.0)
+    value = _row_dot(p_u, log_p.masked_fill_(masked, 0.0).sub_(log_q.masked_fill(masked, 0.0)))
+    grad = log_q.exp_().mul_(p_u.sum(-1, keepdim=True)).sub_(p_u).div_(temperature)
     return value, grad
+
+
+def _forward_kl_unmasked(s: Tensor, t: Tensor, labels: Tensor, r: float, inv_temp: float):
+    """(CE rows, KL rows, gradient) without masking, written for ``torch.compile`` (no branches on
+    data, no in-place ops): inductor fuses it into a few passes over the chunk."""
+    log_q = torch.log_softmax(s * inv_temp, dim=-1)
+    log_p = torch.log_softmax(t.float() * inv_temp, dim=-1)
+    p = log_p.exp()
+    kd_rows = (p * (log_p - log_q)).sum(-1)
+    log_q1 = torch.log_softmax(s, dim=-1)
+    ce_rows = -log_q1.gather(1, labels.unsqueeze(1)).squeeze(1)
+    onehot = torch.zeros_like(s).scatter_(1, labels.unsqueeze(1), 1.0)
+    grad = (r * inv_temp) * (log_q.exp() - p) + (1.0 - r) * (log_q1.exp() - onehot)
+    return ce_rows, kd_rows, grad
+
+
+_COMPILED = {}
+
+
+def _compiled_unmasked():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_forward_kl_unmasked, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def _forward_kl_masked_loss(s: Tensor, teacher: Tensor, labels: Tensor, r: float, temperature: float,
+                            need_grad: bool):
+    kd_rows, g_kd = _forward_kl_masked(s, teacher, temperature)
+    ce = F.cross_entropy(s, labels, reduction="sum")
+    grad = None
+    if need_grad:
+        g_ce = torch.softmax(s, dim=-1)
+        g_ce[torch.arange(labels.numel(), device=s.device), labels] -= 1.0
+        grad = g_kd.mul_(r).add_(g_ce, alpha=1.0 - r)
+    return ce, kd_rows.sum(), grad
+
+
+def forward_kl_loss_and_grad(
+    student: Tensor, teacher: Tensor, labels: Tensor, kd_ratio: float, need_grad: bool = True,
+    temperature: float = 1.0, compiled: bool = False,
+):
+    """(sum CE, sum KL(p || q), d[(1 - r) CE + r KL] / d student or None) of a chunk, analytically.
+
+    q = softmax(s / T), p = softmax(t / T); d KL / ds = (q - p) / T and d CE / ds = softmax(s) - onehot
+    (at T = 1 one softmax serves both). Equals ``plain_kd_loss`` with ``divergences.forward_kl`` and
+    its autograd gradient, +-inf semantics included: a chunk with a non-finite row is redone by a
+    masked path (and CE by ``F.cross_entropy``, which gives inf/NaN there exactly as the plain form).
+    ``compiled``: the unmasked case runs as one ``torch.compile``d function (compiled on first use).
+    """
+    s = student.float()
+    r = kd_ratio
+    if compiled:
+        ce_rows, kd_rows, grad = _compiled_unmasked()(s, teacher, labels, r, 1.0 / temperature)
+        if bool(torch.isfinite(kd_rows).all()):
+            return ce_rows.sum(), kd_rows.sum(), grad if need_grad else None
+        return _forward_kl_masked_loss(s, teacher, labels, r, temperature, need_grad)
+    log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
+    log_p = torch.log_softmax(teacher / temperature if temperature != 1.0 else teacher, dim=-1, dtype=torch.float32)
+    p = log_p.exp()
+    kd_rows = _row_dot(p, log_p.sub_(log_q))
+    del log_p
+    if not bool(torch.isfinite(kd_rows).all()):
+        return _forward_kl_masked_loss(s, teacher, labels, r, temperature, need_grad)
+    if temperature == 1.0:  # one softmax for both terms: r (q - p) + (1 - r) (q - onehot)
+        ce_rows, grad = _ce_rows_and_grad(log_q, labels, need_grad)
+        if need_grad:
+            grad[torch.arange(labels.numel(), device=grad.device), labels] += r  # onehot weight 1 - r
+            grad.sub_(p, alpha=r)
+        return ce_rows.sum(), kd_rows.sum(), grad
+    grad = None
+    if need_grad:
+        grad = log_q.exp_().sub_(p).mul_(r / temperature)
+    del log_q, p
+    ce_rows, g_ce = _ce_rows_and_grad(torch.log_softmax(s, dim=-1), labels, need_grad)
+    if need_grad:
+        grad.add_(g_ce, alpha=1.0 - r)
+    return ce_rows.sum(), kd_rows.sum(), grad
 
 
 @dataclass
@@ -137,7 +222,8 @@ class _Spec:
     kd_ratio: float
     chunk_size: int
     need_grad: bool
-    value_and_grad: Optional[ValueAndGrad]
+    loss_and_grad: Optional[LossAndGrad]
+    part_weights: Optional[Sequence[float]] = None
 
 
 def _chunk_loss(s: Tensor, spec: _Spec, start: int, end: int):
@@ -145,25 +231,23 @@ def _chunk_loss(s: Tensor, spec: _Spec, start: int, end: int):
     labels = spec.labels[start:end]
     teacher = _teacher_rows(spec.teachers, start, end)
     r = spec.kd_ratio
-    if spec.value_and_grad is not None:
-        kd_rows, g_kd = spec.value_and_grad(s, teacher)
-        ce = F.cross_entropy(s, labels, reduction="sum")
-        grad = None
-        if spec.need_grad:
-            grad = g_kd.mul_(r) if r != 1.0 else g_kd
-            if r != 1.0:
-                g_ce = torch.softmax(s, dim=-1)
-                g_ce[torch.arange(labels.numel(), device=s.device), labels] -= 1.0
-                grad.add_(g_ce, alpha=1.0 - r)
-        return ce.detach(), kd_rows.sum().detach(), grad
+    if spec.loss_and_grad is not None:
+        ce, kd, grad = spec.loss_and_grad(s, teacher, labels, r, spec.need_grad)
+        return ce.detach(), kd.detach(), grad, None
+    parts = None
     with torch.enable_grad():
         s = s.detach().requires_grad_(spec.need_grad)
         ce = F.cross_entropy(s, labels, reduction="sum")
-        kd = spec.divergence(s, teacher).sum()
+        rows = spec.divergence(s, teacher)
+        if spec.part_weights is not None:  # [n, K] parts, weighted into the KD term
+            parts = rows.detach().sum(0)
+            kd = (rows * rows.new_tensor(spec.part_weights)).sum()
+        else:
+            kd = rows.sum()
         grad = None
         if spec.need_grad:
             (grad,) = torch.autograd.grad((1.0 - r) * ce + r * kd, s)
-    return ce.detach(), kd.detach(), grad
+    return ce.detach(), kd.detach(), grad, parts
 
 
 def _chunks(n: int, size: int):
@@ -178,22 +262,25 @@ class _ChunkedKD(torch.autograd.Function):
         n = student.size(0)
         ce = student.new_zeros((), dtype=torch.float32)
         kd = student.new_zeros((), dtype=torch.float32)
+        parts = student.new_zeros(len(spec.part_weights or ()), dtype=torch.float32)
         grad = None
         if spec.need_grad:  # fp16 gradients are kept in fp32: unscaled, small ones would underflow
             grad_dtype = torch.float32 if student.dtype == torch.float16 else student.dtype
             grad = torch.empty(student.shape, dtype=grad_dtype, device=student.device)
         for start, end in _chunks(n, spec.chunk_size):
-            c, k, g = _chunk_loss(student[start:end].float(), spec, start, end)
+            c, k, g, p = _chunk_loss(student[start:end].float(), spec, start, end)
             ce += c
             kd += k
+            if p is not None:
+                parts += p
             if g is not None:
                 grad[start:end] = g
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce, kd)
-        return (1.0 - spec.kd_ratio) * ce + spec.kd_ratio * kd, ce, kd
+        ctx.mark_non_differentiable(ce, kd, parts)
+        return (1.0 - spec.kd_ratio) * ce + spec.kd_ratio * kd, ce, kd, parts
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd, _grad_parts):
         (grad,) = ctx.saved_tensors
         grad = grad.mul_(grad_loss.to(grad.dtype))  # in place: no second [N, V] tensor
         return grad if grad.dtype == ctx.student_dtype else grad.to(ctx.student_dtype), None
@@ -206,6 +293,7 @@ class _FusedKD(torch.autograd.Function):
         n = hidden.size(0)
         ce = hidden.new_zeros((), dtype=torch.float32)
         kd = hidden.new_zeros((), dtype=torch.float32)
+        parts = hidden.new_zeros(len(spec.part_weights or ()), dtype=torch.float32)
         grad_hidden = grad_weight = None
         # fp16: the chunk's gradient is multiplied in fp32, unscaled it would underflow in fp16.
         mm_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
@@ -216,20 +304,22 @@ class _FusedKD(torch.autograd.Function):
         for start, end in _chunks(n, spec.chunk_size):
             h = hidden[start:end]
             logits = h @ weight.t()  # in the compute dtype, as the model's output layer would
-            c, k, g = _chunk_loss(logits.float(), spec, start, end)
+            c, k, g, p = _chunk_loss(logits.float(), spec, start, end)
             del logits
             ce += c
             kd += k
+            if p is not None:
+                parts += p
             if g is not None:
                 g = g.to(mm_dtype)
                 grad_hidden[start:end] = g @ w_mm
                 grad_weight += g.t() @ h.to(mm_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(ce, kd)
-        return (1.0 - spec.kd_ratio) * ce + spec.kd_ratio * kd, ce, kd
+        ctx.mark_non_differentiable(ce, kd, parts)
+        return (1.0 - spec.kd_ratio) * ce + spec.kd_ratio * kd, ce, kd, parts
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd, _grad_parts):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.float()
         return (grad_hidden.mul_(scale).to(ctx.hidden_dtype),
@@ -250,15 +340,16 @@ def chunked_kd_loss(
     divergence: Divergence,
     kd_ratio: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    value_and_grad: Optional[ValueAndGrad] = None,
+    loss_and_grad: Optional[LossAndGrad] = None,
+    part_weights: Optional[Sequence[float]] = None,
 ) -> KDLoss:
     """``plain_kd_loss`` on student logits [N, V], computed ``chunk_size`` rows at a time."""
     _check(chunk_size, student_logits.size(0), labels, teacher)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, value_and_grad)
+    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, loss_and_grad, part_weights)
     if not need_grad:
-        return KDLoss(*_ChunkedKD.forward(_Ctx(), student_logits, spec))
-    return KDLoss(*_ChunkedKD.apply(student_logits, spec))
+        return _result(_ChunkedKD.forward(_Ctx(), student_logits, spec), spec)
+    return _result(_ChunkedKD.apply(student_logits, spec), spec)
 
 
 def fused_kd_loss(
@@ -269,7 +360,8 @@ def fused_kd_loss(
     divergence: Divergence,
     kd_ratio: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    value_and_grad: Optional[ValueAndGrad] = None,
+    loss_and_grad: Optional[LossAndGrad] = None,
+    part_weights: Optional[Sequence[float]] = None,
 ) -> KDLoss:
     """``plain_kd_loss`` on student logits ``hidden @ weight.T`` that never exist beyond a chunk.
 
@@ -284,11 +376,16 @@ def fused_kd_loss(
     elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, value_and_grad)
+    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, loss_and_grad, part_weights)
     with torch.autocast(device_type, enabled=False):
         if not need_grad:
-            return KDLoss(*_FusedKD.forward(_Ctx(), hidden, weight, spec))
-        return KDLoss(*_FusedKD.apply(hidden, weight, spec))
+            return _result(_FusedKD.forward(_Ctx(), hidden, weight, spec), spec)
+        return _result(_FusedKD.apply(hidden, weight, spec), spec)
+
+
+def _result(outputs, spec: _Spec) -> KDLoss:
+    loss, ce, kd, parts = outputs
+    return KDLoss(loss, ce, kd, parts if spec.part_weights is not None else None)
 
 
 class _Ctx:

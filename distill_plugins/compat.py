@@ -4,7 +4,7 @@
 - fairseq-generate's BLEU scorer segfaults on empty hypotheses (patched below).
 - torch >= 2.6 loads checkpoints with ``weights_only=True``; legacy fairseq checkpoints pickle an
   ``argparse.Namespace``, which must be allow-listed.
-- ``--ddp-backend pytorch_ddp`` passes GPU ``device_ids`` to DDP even on CPU (``cpu_ddp.py``).
+- multi-worker runs: ``pytorch_ddp`` on CPU and resuming with several workers (``distributed_compat.py``).
 """
 import argparse
 import types
@@ -21,9 +21,9 @@ def apply():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
     _patch_bleu_empty_sequences()
-    from . import cpu_ddp
+    from . import distributed_compat
 
-    cpu_ddp.apply()
+    distributed_compat.apply()
 
 
 def _patch_bleu_empty_sequences():

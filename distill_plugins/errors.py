@@ -9,11 +9,17 @@ class DistillError(SystemExit):
     """
 
     def __init__(self, message: str):
-        self.message = message
-        super().__init__(f"fairseq-distill: error: {message}")
+        self.message = " ".join(message.split())  # always one line, whatever a wrapped error said
+        super().__init__(f"fairseq-distill: error: {self.message}")
 
     def __str__(self):
         return self.args[0]
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception, to quote inside a one-line message."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text.split('. ')[0].rstrip('.')}" if text else type(exc).__name__
 
 
 def check(condition: bool, message: str):

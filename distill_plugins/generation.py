@@ -4,10 +4,13 @@ A decoder-only LM is given its prompt as forced prefix tokens (fairseq's ``langu
 does the same), with incremental decoding. One fix: fairseq applies ``--no-repeat-ngram-size``
 blocking after forcing the prefix, so a prompt that itself repeats an n-gram gets its forced token
 blocked and the row breaks (all -inf). Here blocking applies only to tokens the model chooses; the
-prompt still counts as history for later n-grams, as in Hugging Face ``generate``.
+prompt still counts as history for later n-grams, as in Hugging Face ``generate``. The blocker
+itself is ``ngram_blocking.NGramBlocker``: fairseq's CPU one never blocks anything.
 """
 from torch import nn
 from fairseq.sequence_generator import SequenceGenerator
+
+from .ngram_blocking import NGramBlocker
 
 
 class _BlockFreeRowsOnly(nn.Module):
@@ -31,7 +34,9 @@ class PromptSequenceGenerator(SequenceGenerator):
         super().__init__(*args, **kwargs)
         self.forced_rows = {}
         if self.repeat_ngram_blocker is not None:
-            self.repeat_ngram_blocker = _BlockFreeRowsOnly(self.repeat_ngram_blocker, self.forced_rows)
+            # fairseq's own CPU blocker never blocks (ngram_blocking.py): use a correct one
+            blocker = NGramBlocker(self.repeat_ngram_blocker.no_repeat_ngram_size)
+            self.repeat_ngram_blocker = _BlockFreeRowsOnly(blocker, self.forced_rows)
 
     def _generate(self, *args, **kwargs):
         self.forced_rows.clear()

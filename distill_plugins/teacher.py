@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from fairseq import checkpoint_utils
 
-from .errors import DistillError
+from .errors import DistillError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,27 @@ class Teacher:
     def __init__(self, model, path: str, sha256: str, dtype: str = "fp32", device: Optional[str] = None):
         self.model = model.eval().requires_grad_(False)
         self.path, self.sha256 = path, sha256
+        self.sharded = False  # parameters split over the workers (--teacher-sharding fsdp)
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device) if device not in (None, "auto") else None
         self.model.to(dtype=self.dtype)
         if self.device is not None:
             self.model.to(self.device)
 
+    def shard(self, device) -> None:
+        """Split the parameters over the data-parallel workers (``teacher_sharding.py``); the
+        teacher then lives on ``--teacher-device`` if given, else ``device`` (the student's)."""
+        from .teacher_sharding import is_sharded, shard_teacher
+
+        self.device = self.device or torch.device(device)
+        self.model = shard_teacher(self.model, self.device)
+        self.sharded = is_sharded(self.model)
+
     @classmethod
     def load(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None) -> "Teacher":
         """Load a teacher checkpoint for ``task``'s data; refuse a teacher of another vocabulary."""
+        if os.path.isdir(path):
+            return cls.load_hf_dir(path, task, dtype=dtype, device=device)
         if not os.path.isfile(path):
             raise DistillError(f"teacher checkpoint {path} does not exist; check --teacher-path")
         if not os.access(path, os.R_OK):
@@ -57,7 +69,10 @@ class Teacher:
         try:
             state = checkpoint_utils.load_checkpoint_to_cpu(path)
         except Exception as e:  # a truncated or foreign file: say so in one line
-            raise DistillError(f"teacher checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from None
+            raise DistillError(
+                f"teacher checkpoint {path} could not be loaded ({brief(e)}); it is truncated or not a "
+                "fairseq checkpoint: check --teacher-path"
+            ) from None
         if "model" not in state or "cfg" not in state:
             raise DistillError(f"{path} is not a fairseq checkpoint (no 'model'/'cfg'); check --teacher-path")
         student = dictionary_fingerprint(task.target_dictionary)
@@ -68,9 +83,10 @@ class Teacher:
         if recorded["size"] != student["size"] or (
             recorded["sha256"] is not None and recorded["sha256"] != student["sha256"]
         ):
+            same_size = " but other symbols" if recorded["size"] == student["size"] else ""
             raise DistillError(
                 f"teacher dictionary (size {recorded['size']}) differs from the student's (size "
-                f"{student['size']}); prepare the student's data with the teacher's tokenizer and dictionary"
+                f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary"
             )
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
         models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
@@ -79,12 +95,43 @@ class Teacher:
         logger.info(f"teacher {path}: {n:,} parameters, {dtype}, sha256 {teacher.sha256[:12]}")
         return teacher
 
+    @classmethod
+    def load_hf_dir(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None) -> "Teacher":
+        """A Hugging Face checkpoint directory as the teacher (``hf_causal_lm``: GPT-2 converted to
+        native fairseq, other families wrapped); its tokenizer must be the data's, token for token."""
+        from .hf.checkpoint_dir import sha256_dir
+        from .models.hf_causal_lm import build_from_hf_dir
+
+        model = build_from_hf_dir(path, task, role="teacher")
+        teacher = cls(model, path=os.path.abspath(path), sha256=sha256_dir(path), dtype=dtype, device=device)
+        n = sum(p.numel() for p in teacher.model.parameters())
+        logger.info(f"teacher {path} (Hugging Face, {model.backend}): {n:,} parameters, {dtype}")
+        return teacher
+
     def record(self) -> dict:
         return {"path": self.path, "sha256": self.sha256}
 
     @torch.no_grad()
     def logits(self, net_input: dict) -> torch.Tensor:
         """Teacher logits [B, T, V] for the student's ``net_input``, on the student's device."""
+        return self._forward(net_input)
+
+    @torch.no_grad()
+    def features(self, net_input: dict):
+        """(hidden [B, T, d], output projection weight [V, d]) with logits = hidden @ weight.T, on
+        the student's device, for losses that make the teacher's logits a chunk at a time
+        (``chunked_divergences.ProjectedLogits``); None if the model has no such projection."""
+        if self.sharded:  # outside its forward the projection weight is only this worker's shard
+            return None
+        decoder = getattr(self.model, "decoder", None)
+        proj = getattr(decoder, "output_projection", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear) \
+                or proj.bias is not None:
+            return None
+        hidden = self._forward(net_input, features_only=True)
+        return hidden, proj.weight.to(hidden.device)
+
+    def _forward(self, net_input: dict, **kwargs) -> torch.Tensor:
         src = net_input["src_tokens"]
         if self.device is None:
             first = next(self.model.parameters())
@@ -94,5 +141,7 @@ class Teacher:
         inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in net_input.items()}
         # Autocast from the student's --amp/--bf16 must not re-cast the teacher: it has its own dtype.
         with torch.autocast(device_type=dev.type, enabled=False):
-            out = self.model(**inputs)[0]
+            out = self.model(**inputs, **kwargs)[0]
+        if self.sharded:  # free the gathered embeddings/output layer too, not only the blocks
+            self.model.reshard()
         return out.to(src.device)

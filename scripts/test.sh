@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+# Two workers: each test subprocess runs with one thread (tests/conftest.py), one per core.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
-from ..data.tokenizers import SentencePieceTokenizer
+from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
 from ..errors import DistillError
 
 SPLITS = ("train", "valid", "test")
@@ -32,7 +32,9 @@ def get_parser():
     p.add_argument("--valid", help="validation jsonl (validation loss, Rouge-L during training)")
     p.add_argument("--test", help="held-out jsonl (generation and scoring)")
     p.add_argument("--destdir", required=True, help="output directory (e.g. data-bin/dolly)")
-    p.add_argument("--tokenizer", choices=["sentencepiece"], default="sentencepiece")
+    p.add_argument("--tokenizer", choices=["sentencepiece", "hf"], default="sentencepiece",
+                   help="hf: the tokenizer of a Hugging Face checkpoint (--hf-tokenizer), ids aligned with its embeddings")
+    p.add_argument("--hf-tokenizer", help="Hugging Face checkpoint (or tokenizer) directory for --tokenizer hf")
     p.add_argument("--spm-model", help="an existing SentencePiece model (else one is trained)")
     p.add_argument("--vocab-size", type=int, default=4000, help="size of a newly trained SentencePiece model")
     p.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -71,6 +73,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.max_prompt_tokens < 1 or args.max_total_tokens <= args.max_prompt_tokens:
         raise DistillError("need 0 < --max-prompt-tokens < --max-total-tokens")
+    if (args.tokenizer == "hf") != bool(args.hf_tokenizer):
+        raise DistillError("--tokenizer hf and --hf-tokenizer DIR go together")
     dest = os.path.abspath(args.destdir)
     if os.path.exists(dest) and not args.overwrite:
         raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
@@ -85,7 +89,10 @@ def main(argv=None):
     try:
         out = os.path.join(work, "bin")
         os.makedirs(out)
-        if args.spm_model:
+        if args.tokenizer == "hf":
+            tok = HFTokenizer(args.hf_tokenizer)
+            print(f"| Hugging Face tokenizer {args.hf_tokenizer}, {tok.vocab.size} tokens", flush=True)
+        elif args.spm_model:
             tok = SentencePieceTokenizer(args.spm_model)
         else:
             texts = [t for r in data["train"] for t in (render_prompt(r), references(r)[0])]

@@ -7,25 +7,12 @@ are the ``output`` fields of ``{data}/{split}.jsonl`` (several references: the m
 Several files are taken as several seeds: the mean and standard deviation over them are reported.
 """
 import argparse
-import json
 import os
-import statistics
 
-from ..data.instruction_jsonl import read_instruction_jsonl, references
+from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
-from ..errors import DistillError
-from ..evaluation.fairseq_output import read_hypotheses
-from ..evaluation.rouge import clean_response, corpus_rouge_l
-
-
-def score_generation_file(path, rows, tokenizer):
-    hyps = read_hypotheses(path)
-    missing = [i for i in hyps if i >= len(rows)]
-    if missing:
-        raise DistillError(f"{path}: sample id {missing[0]} is beyond the {len(rows)} reference rows")
-    ids = sorted(hyps)
-    preds = [clean_response(tokenizer.decode(hyps[i])) for i in ids]
-    return corpus_rouge_l(preds, [references(rows[i]) for i in ids]), len(ids), preds
+from ..evaluation.report_files import write_json_atomic
+from ..evaluation.scoring import score_generation_file, seed_summary
 
 
 def main(argv=None):
@@ -47,16 +34,12 @@ def main(argv=None):
         "split": args.split,
         "examples": n,
         "seeds": len(scores),
-        "rouge_l": statistics.fmean(scores),
-        "rouge_l_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        **seed_summary(scores),
         "per_file": dict(zip(args.generations, scores)),
     }
     print(f"Rouge-L {result['rouge_l']:.2f} (std {result['rouge_l_std']:.2f}, {len(scores)} file(s), {n} examples)")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

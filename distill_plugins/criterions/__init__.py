@@ -1,2 +1,4 @@
 """Distillation criterions (fairseq does not auto-import criterions from --user-dir)."""
 from . import adaptive_kl, js, kd, reverse_kl, skew_kl, skew_reverse_kl, tvd  # noqa: F401
+from . import multi_teacher_kd  # noqa: F401
+from . import minillm  # noqa: F401

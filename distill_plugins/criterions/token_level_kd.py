@@ -9,7 +9,17 @@ accumulation and data parallelism (DSKD's reduction; DistiLLM/MiniLLM average pe
 D is one of ``distill_plugins.divergences``, always in float32. Logged ``loss``, ``nll_loss`` (the
 CE term) and ``kd_loss`` are per-token and in base 2, like fairseq's own criterions.
 Subclasses only say which divergence they use and with which extra options.
+
+``--kd-impl`` picks how the sum is computed (same value and gradients, tests/test_chunked_divergences.py):
+``plain`` materialises float32 [tokens, vocab] tensors for both models; ``chunked``
+(``chunked_divergences.chunked_kd_loss``) takes ``--kd-chunk-size`` tokens at a time, so only the
+student's logits and their gradient are full-size; ``fused`` also fuses the output projection for
+the student (and the teacher, when it has one), so neither model's logits exist beyond a chunk.
+Default ``fused``: it was fastest of the three in ``benchmarks/kd_loss.py`` and
+``benchmarks/kd_step.py`` on CPU and holds the least memory (figures in the README).
+A subclass that overrides ``kd_term`` (and not ``chunk_teachers``) always takes the plain path.
 """
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -17,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from ..chunked_divergences import DEFAULT_CHUNK_SIZE, ProjectedLogits, chunked_kd_loss, fused_kd_loss
 from ..errors import DistillError, check
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +44,15 @@ class TokenLevelKDConfig(FairseqDataclass):
     )
     temperature: float = field(
         default=1.0, metadata={"help": "divides student and teacher logits before the divergence (no T^2)"}
+    )
+    kd_impl: ChoiceEnum(["plain", "chunked", "fused"]) = field(
+        default="fused",
+        metadata={"help": "how the loss is computed: plain (full fp32 [tokens, vocab] tensors), chunked "
+                          "(--kd-chunk-size tokens at a time), fused (chunked with the output projection "
+                          "fused in: no full logits); same results"},
+    )
+    kd_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk for --kd-impl chunked/fused"}
     )
 
 
@@ -50,6 +72,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
         for name in ("kd_ratio",) + tuple(self.unit_interval_options):
             check_unit_interval(name.replace("_", "-"), getattr(cfg, name))
         check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+        check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
         if getattr(task, "teacher", None) is None:
             raise DistillError(
                 f"criterion {self.__class__.__name__} needs a teacher: pass --teacher-path "
@@ -63,15 +86,95 @@ class TokenLevelKDCriterion(FairseqCriterion):
     def teacher_logits(self, sample) -> torch.Tensor:
         return self.task.teacher.logits(sample["net_input"])
 
+    def kd_term(self, student: torch.Tensor, sample, mask: torch.Tensor):
+        """Summed KD term over the response tokens (``student`` = their logits [N, V]) and extra
+        logging entries (summed over micro-batches); multi-teacher criterions override this."""
+        teacher = self.teacher_logits(sample)[mask]
+        return self.divergence(student, teacher).sum(), {}
+
+    def chunk_loss_and_grad(self):
+        """Optional analytic form of a chunk's loss for --kd-impl chunked/fused (see
+        ``chunked_divergences.forward_kl_loss_and_grad``); None: autograd through ``divergence``."""
+        return None
+
+    def chunk_teachers(self, sample, mask):
+        """What ``divergence`` gets, a chunk of rows at a time, for --kd-impl chunked/fused: the
+        teacher's logits at ``mask``; for fused made chunk by chunk from its hidden states when it has
+        a plain output projection (``ProjectedLogits``). A list gives ``divergence`` a list of chunks."""
+        if self.cfg.kd_impl == "fused" and type(self).teacher_logits is TokenLevelKDCriterion.teacher_logits:
+            features = self.task.teacher.features(sample["net_input"])
+            if features is not None:
+                return ProjectedLogits(features[0][mask], features[1])
+        return self.teacher_logits(sample)[mask]
+
+    def chunk_divergence(self):
+        """(divergence, part_weights) for --kd-impl chunked/fused: ``divergence`` by default; a
+        criterion with several KD parts returns a divergence giving [n, K] columns D_k and their
+        weights w_k (``chunked_divergences``), and logs the parts' sums with ``part_logs``."""
+        return self.divergence, None
+
+    def part_logs(self, parts: torch.Tensor) -> dict:
+        return {}
+
+    def memory_efficient_loss(self, model, sample, mask, labels):
+        """``KDLoss`` (loss, ce, kd, parts) of --kd-impl chunked/fused: ``chunked_divergences``."""
+        divergence, part_weights = self.chunk_divergence()
+        kwargs = dict(divergence=divergence, kd_ratio=self.kd_ratio, chunk_size=self.cfg.kd_chunk_size,
+                      loss_and_grad=self.chunk_loss_and_grad() if part_weights is None else None,
+                      part_weights=part_weights)
+        net_input = sample["net_input"]
+        proj = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
+        if proj is None:
+            student = model(**net_input)[0][mask]
+            return chunked_kd_loss(student, labels, self.chunk_teachers(sample, mask), **kwargs)
+        hidden = model(**net_input, features_only=True)[0][mask]
+        return fused_kd_loss(hidden, proj.weight, labels, self.chunk_teachers(sample, mask), **kwargs)
+
+    def fusable_output_projection(self, model):
+        """The student's bias-free output ``nn.Linear`` for --kd-impl fused, or None (adaptive
+        softmax, models of other shapes): then the chunked form is used, with a notice."""
+        base = model  # under DDP: ModuleProxyWrapper(DistributedDataParallel(model)), two levels
+        while isinstance(getattr(base, "module", None), torch.nn.Module):
+            base = base.module
+        decoder = getattr(base, "decoder", None)
+        proj = getattr(decoder, "output_projection", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear) \
+                or proj.bias is not None:
+            if not getattr(self, "_told_unfusable", False):
+                logger.info(f"--kd-impl fused: {type(base).__name__} has no bias-free output projection "
+                            "to fuse; using --kd-impl chunked")
+                self._told_unfusable = True
+            return None
+        return proj
+
+    def uses_memory_efficient_loss(self) -> bool:
+        cls = type(self)
+        own_kd_term = cls.kd_term is TokenLevelKDCriterion.kd_term
+        return self.cfg.kd_impl != "plain" and (own_kd_term or cls.chunk_teachers is not TokenLevelKDCriterion.chunk_teachers)
+
     def forward(self, model, sample, reduce=True):
+        if self.uses_memory_efficient_loss():
+            target = sample["target"]
+            mask = target.ne(self.padding_idx)
+            loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, target[mask])
+            ntokens = int(mask.sum())
+            logging_output = {
+                "loss": loss.data,
+                "nll_loss": ce.data,
+                "kd_loss": kd.data,
+                "ntokens": ntokens,
+                "nsentences": target.size(0),
+                "sample_size": ntokens,
+                **(self.part_logs(parts) if parts is not None else {}),
+            }
+            return loss, ntokens, logging_output
         logits = model(**sample["net_input"])[0]
         target = sample["target"]
         mask = target.ne(self.padding_idx)
         student = logits[mask]  # [N, V]: only response tokens take part
         labels = target[mask]
-        teacher = self.teacher_logits(sample)[mask]
+        kd, kd_logs = self.kd_term(student, sample, mask)
         ce = F.cross_entropy(student.float(), labels, reduction="sum")
-        kd = self.divergence(student, teacher).sum()
         loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         ntokens = int(mask.sum())
         logging_output = {
@@ -81,6 +184,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
             "ntokens": ntokens,
             "nsentences": sample["target"].size(0),
             "sample_size": ntokens,
+            **kd_logs,
         }
         return loss, ntokens, logging_output
 

@@ -1,8 +1,8 @@
 """Tokenizers that turn text into the whitespace-free token strings fairseq-preprocess binarizes.
 
 The data directory records its tokenizer in ``tokenizer.json`` so that every later step (training,
-generation, scoring) decodes with exactly the same one. Only SentencePiece exists today; a
-checkpoint's own tokenizer (Hugging Face) plugs in here behind the same four methods.
+generation, scoring) decodes with exactly the same one: a SentencePiece model trained here, or a
+Hugging Face checkpoint's own tokenizer (``HFTokenizer``), behind the same four methods.
 """
 import json
 import os
@@ -75,6 +75,52 @@ class SentencePieceTokenizer:
         return meta
 
 
+class HFTokenizer:
+    """A Hugging Face checkpoint's own tokenizer (``AutoTokenizer`` from a local directory).
+
+    Tokens are written as fairseq symbols of :class:`distill_plugins.hf.vocab.HFVocab` (the HF id as
+    a string, or one of fairseq's four special symbols), so the dictionary, the binarized data and
+    the checkpoint's embedding rows are one permutation apart. No special tokens are added to text.
+    """
+
+    kind = "hf"
+    subdir = "hf_tokenizer"  # HF's own tokenizer.json must not overwrite ours
+
+    def __init__(self, directory: str):
+        from ..hf.checkpoint_dir import load_tokenizer as load_hf_tokenizer
+        from ..hf.vocab import HFVocab, tokenizer_fingerprint
+
+        self.directory = directory
+        self.tok = load_hf_tokenizer(directory)
+        self.vocab = HFVocab.from_tokenizer(self.tok)
+        self.fingerprint = tokenizer_fingerprint(self.tok)
+
+    def encode(self, text: str) -> List[str]:
+        return [self.vocab.symbol(h) for h in self.tok.encode(text, add_special_tokens=False)]
+
+    def decode(self, tokens: List[str]) -> str:
+        ids = [h for h in (self.vocab.hf_id(t) for t in tokens) if h is not None]
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def vocabulary(self) -> List[str]:
+        return self.vocab.dict_symbols()
+
+    def save(self, directory: str) -> dict:
+        self.tok.save_pretrained(os.path.join(directory, self.subdir))
+        meta = {"type": self.kind, "dir": self.subdir, "fingerprint": self.fingerprint, **self.vocab.meta()}
+        with open(os.path.join(directory, TOKENIZER_META), "w") as f:
+            json.dump(meta, f, indent=1)
+        return meta
+
+
+def load_tokenizer_meta(data_dir: str) -> dict:
+    path = os.path.join(data_dir, TOKENIZER_META)
+    if not os.path.isfile(path):
+        raise DistillError(f"{data_dir} has no {TOKENIZER_META}; prepare it with distill-prepare")
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_tokenizer(data_dir: str):
     """The tokenizer recorded in a prepared data directory."""
     path = os.path.join(data_dir, TOKENIZER_META)
@@ -86,4 +132,6 @@ def load_tokenizer(data_dir: str):
         meta = json.load(f)
     if meta.get("type") == SentencePieceTokenizer.kind:
         return SentencePieceTokenizer(os.path.join(data_dir, meta["model"]))
+    if meta.get("type") == HFTokenizer.kind:
+        return HFTokenizer(os.path.join(data_dir, meta["dir"]))
     raise DistillError(f"{path}: unknown tokenizer type {meta.get('type')!r}")

@@ -20,7 +20,11 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
+from ..data.world_size_resume import track_world_size
 from ..errors import DistillError
+from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
+from ..generated import student_data
+from ..generated.config import StudentDataConfig
 from ..generation import PromptSequenceGenerator
 from ..teacher import Teacher, dictionary_fingerprint
 
@@ -28,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class InstructionDistillationConfig(FairseqDataclass):
+class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode etc. (generated/config.py)
     data: Optional[str] = field(default=None, metadata={"help": "data directory made by distill-prepare"})
     tokens_per_sample: int = field(
         default=512, metadata={"help": "max prompt + response tokens per example (longer ones are cut)"}
@@ -39,7 +43,7 @@ class InstructionDistillationConfig(FairseqDataclass):
     add_bos_token: bool = field(default=False, metadata={"help": "kept False: EOS starts every sequence"})
     teacher_path: Optional[str] = field(
         default=None,
-        metadata={"help": "fairseq checkpoint of the teacher (needed by every KD criterion); several "
+        metadata={"help": "fairseq checkpoint or Hugging Face checkpoint directory of the teacher (needed by every KD criterion); several "
                           "comma-separated checkpoints for multi-teacher criterions, the first is task.teacher"},
     )
     teacher_dtype: ChoiceEnum(["fp32", "fp16", "bf16"]) = field(
@@ -48,7 +52,31 @@ class InstructionDistillationConfig(FairseqDataclass):
     teacher_device: str = field(
         default="auto", metadata={"help": "device of the teacher: auto (the student's), cpu, cuda:N"}
     )
+    teacher_sharding: ChoiceEnum(["replicated", "fsdp"]) = field(
+        default="replicated", metadata={"help": "replicated: a full teacher on every worker; fsdp: its parameters "
+                                                "split over the workers (teacher_sharding.py, docs/distributed.md)"}
+    )
+    cpu: bool = II("common.cpu")
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "read Hugging Face pickle weights (pytorch_model.bin) when a checkpoint "
+                                         "has no safetensors: unpickling can run arbitrary code, trust the source"}
+    )
     seed: int = II("common.seed")
+    # --eval-rouge: Rouge-L of sampled responses at validation (evaluation/validation_rouge.py)
+    eval_rouge: bool = field(
+        default=False, metadata={"help": "log dev Rouge-L (rouge_l) at validation, e.g. for "
+                                         "--best-checkpoint-metric rouge_l --maximize-best-checkpoint-metric"}
+    )
+    eval_rouge_args: Optional[str] = field(
+        default="{}", metadata={"help": "generation args as JSON, fairseq names, over the defaults (sampling, "
+                                        "top-k/top-p off, temperature 1, no n-gram blocking, max_len_b 512 = "
+                                        "prompt + response), e.g. '{\"max_len_b\": 256}'"}
+    )
+    eval_rouge_max_examples: int = field(
+        default=0, metadata={"help": "score only the first N validation examples (0: all)"}
+    )
+    eval_rouge_print_samples: bool = field(default=False, metadata={"help": "log one sample per batch"})
+    valid_subset: str = II("dataset.valid_subset")
 
 
 @register_task("instruction_distillation", dataclass=InstructionDistillationConfig)
@@ -59,6 +87,9 @@ class InstructionDistillationTask(FairseqTask):
         super().__init__(cfg)
         self.dictionary = dictionary
         self.teachers: List[Teacher] = []
+        # ImitKD / GKD / DistiLLM: student-generated batches (generated/student_data.py)
+        mode = getattr(cfg, "student_data_mode", "off")
+        self.student_data = student_data.StudentData(cfg, self) if mode != "off" else None
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -93,10 +124,12 @@ class InstructionDistillationTask(FairseqTask):
         # fairseq 0.12.3's batch_by_size drops the last partial batch whenever
         # required_batch_size_multiple > 1 (100 examples, batch 50, multiple 8 -> 96 seen), which
         # would silently skip validation and generation examples. Batch with multiple 1.
-        return super().get_batch_iterator(
+        # Checkpoints also record the number of workers, so that a resume with another number of
+        # workers continues at the same global data position (data/world_size_resume.py).
+        return track_world_size(super().get_batch_iterator(
             dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
             ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=1, **kwargs,
-        )
+        ))
 
     # -- teacher -------------------------------------------------------------------------------
     @property
@@ -110,6 +143,10 @@ class InstructionDistillationTask(FairseqTask):
             self.teachers = [
                 Teacher.load(p, self, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device) for p in paths
             ]
+            if self.cfg.teacher_sharding == "fsdp":
+                on_gpu = torch.cuda.is_available() and not self.cfg.cpu
+                for t in self.teachers:
+                    t.shard(torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
         return self.teachers
 
     def build_criterion(self, cfg, from_checkpoint=False):
@@ -122,6 +159,7 @@ class InstructionDistillationTask(FairseqTask):
         return {
             "dictionary": dictionary_fingerprint(self.dictionary),
             "teachers": [t.record() for t in self.teachers],
+            "student_data": self.student_data.state_dict() if self.student_data is not None else None,
         }
 
     def load_state_dict(self, state_dict):
@@ -159,6 +197,51 @@ class InstructionDistillationTask(FairseqTask):
                 if h.get("attention") is not None and h["attention"].numel() > 0:
                     h["attention"] = h["attention"][..., n:]
         return hypos
+
+    # -- Rouge-L validation (--eval-rouge) -------------------------------------------------------
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if hasattr(model, "record_config"):  # hf_causal_lm: its HF config goes into the checkpoint's cfg
+            model.record_config(cfg)
+        if not from_checkpoint:  # the student being trained: its generations must fit its positions
+            student_data.check_model_positions(self.cfg, model)
+        # not for models loaded from checkpoints (teachers, fairseq-generate, distill-evaluate)
+        if self.cfg.eval_rouge and not from_checkpoint:
+            self.validation_rouge = ValidationRouge(self, model)
+        return model
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if getattr(self, "validation_rouge", None) is not None:
+            logging_output.update(self.validation_rouge.logging_output(self, model, sample))
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        student_data.reduce_metrics(logging_outputs)
+        if getattr(self, "validation_rouge", None) is not None:
+            reduce_rouge_metrics(logging_outputs)
+
+    # -- student-generated data (--student-data-mode) -----------------------------------------------
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        extra = {}
+        if self.student_data is not None:  # may replace the batch by student generations or a replay
+            sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num)
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+        logging_output.update(extra)
+        return loss, sample_size, logging_output
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        if self.student_data is not None:
+            self.student_data.begin_valid()
+
+    def post_validate(self, model, stats, agg):
+        """fairseq-train calls this after each validation subset with the all-reduced stats: tau adapts."""
+        if self.student_data is not None:
+            self.student_data.after_valid(stats, agg)
 
     def max_positions(self):
         return self.cfg.tokens_per_sample

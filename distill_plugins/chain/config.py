@@ -1,0 +1,261 @@
+"""The chain file: shared data and defaults, and the stages in order.
+
+```yaml
+name: takd                      # outputs go to checkpoints/<name>/<stage>/ (or output_dir)
+data: data-bin/dolly            # made by distill-prepare; relative paths are relative to this file
+defaults: {optimizer: adam, lr: 5e-4, max-tokens: 2048}   # fairseq-train options of every stage
+stages:
+  - {name: teacher, arch: kd_gpt2_mini, args: {criterion: cross_entropy, max-update: 300}}
+  - {name: assistant, arch: kd_gpt2_mini, teacher: teacher, args: {criterion: kd, decoder-layers: 2}}
+  - {name: student, arch: kd_gpt2_tiny, teacher: assistant, args: {criterion: kd}}
+```
+
+A stage gives ``arch`` and/or ``init`` (a checkpoint passed as ``--finetune-from-model``; without
+``arch``, the checkpoint's architecture and decoder shape are used), ``teacher`` (a stage name, or a
+list of names for multi-teacher criterions; absent for the first, supervised stage), ``args`` (its
+fairseq-train options, overriding ``defaults``) and ``checkpoint`` (``best``, the default, or
+``last``: which checkpoint the stages it teaches use). Option values: a scalar, ``true`` for a bare
+flag, ``false``/``null`` to leave it out, or a list (passed comma-separated, as fairseq expects).
+"""
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..errors import DistillError, check
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages")
+STAGE_KEYS = ("name", "arch", "init", "teacher", "args", "checkpoint")
+# set by the chain itself: the stage's directory, teachers and initial checkpoint
+MANAGED_OPTIONS = {
+    "save-dir": "the chain puts each stage in <output_dir>/<stage>",
+    "teacher-path": "use the stage's teacher: key",
+    "finetune-from-model": "use the stage's init: key",
+    "restore-file": "the chain resumes from checkpoint_last.pt itself; use init: to start from a checkpoint",
+    "user-dir": "the chain always passes --user-dir distill_plugins",
+    "arch": "use the stage's arch: key",
+    "data": "use the chain's data: key",
+}
+SHAPE_OPTIONS = ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    arch: str
+    args: Dict[str, Any]  # option name without dashes (hyphenated) -> value; defaults merged in
+    teachers: List[str] = field(default_factory=list)
+    init: Optional[str] = None  # absolute path
+    checkpoint: str = "best"
+
+    @property
+    def criterion(self) -> str:
+        return str(self.args.get("criterion", "cross_entropy"))
+
+
+@dataclass
+class ChainConfig:
+    name: str
+    path: str  # the chain file, absolute
+    data: str  # absolute
+    output_dir: str  # absolute: holds manifest.json and one directory per stage
+    stages: List[StageSpec]  # in training order: every teacher before its students
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+    def save_dir(self, stage: StageSpec) -> str:
+        return os.path.join(self.output_dir, stage.name)
+
+    def checkpoint_path(self, stage: StageSpec) -> str:
+        return os.path.join(self.save_dir(stage), f"checkpoint_{stage.checkpoint}.pt")
+
+
+def option_name(key: Any) -> str:
+    return str(key).lstrip("-").replace("_", "-")
+
+
+def normalize_options(options: Any, where: str) -> Dict[str, Any]:
+    if options is None:
+        return {}
+    check(isinstance(options, dict), f"{where} must be a mapping of fairseq-train options, e.g. {{lr: 1e-3}}")
+    out = {}
+    for key, value in options.items():
+        name = option_name(key)
+        check(name not in MANAGED_OPTIONS, f"{where} sets --{name}: {MANAGED_OPTIONS.get(name)}")
+        check(
+            value is None or isinstance(value, (str, int, float, bool, list)),
+            f"{where}: --{name} must be a scalar, true/false or a list, got {type(value).__name__}",
+        )
+        if isinstance(value, list):  # fairseq takes lists as comma-separated strings (--lr, --update-freq...)
+            check(all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value),
+                  f"{where}: --{name} lists must hold scalars")
+            value = ",".join(str(v) for v in value)
+        out[name] = value
+    return out
+
+
+def _resolve(base: str, path: str) -> str:
+    return os.path.abspath(os.path.join(base, os.path.expanduser(str(path))))
+
+
+def _teachers(raw: Any, where: str) -> List[str]:
+    if raw is None:
+        return []
+    names = [raw] if isinstance(raw, str) else raw
+    check(isinstance(names, list) and names and all(isinstance(n, str) for n in names),
+          f"{where}: teacher must be a stage name or a list of stage names")
+    check(len(set(names)) == len(names), f"{where}: teacher lists a stage twice")
+    return list(names)
+
+
+def arch_of_checkpoint(path: str) -> Dict[str, Any]:
+    """Architecture and decoder shape recorded in a fairseq checkpoint (read memory-mapped)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        model = state["cfg"]["model"]
+        arch = model.get("_name") or model["arch"]
+    except Exception as e:
+        raise DistillError(f"{path} has no readable fairseq model config ({type(e).__name__}); give the stage an arch:") from None
+    return {"arch": arch, **{option_name(k): model[k] for k in SHAPE_OPTIONS if model.get(k) is not None}}
+
+
+def find_cycle(edges: Dict[str, List[str]]) -> Optional[List[str]]:
+    """A cycle in the stage -> teacher graph, as a list of names (first == last), or None."""
+    state: Dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: List[str] = []
+
+    def visit(node: str) -> Optional[List[str]]:
+        state[node] = 1
+        path.append(node)
+        for nxt in edges[node]:
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in edges:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def training_order(stages: List[StageSpec]) -> List[StageSpec]:
+    """Teachers before their students, otherwise the file's order (stable topological sort)."""
+    done, order = set(), []
+    while len(order) < len(stages):
+        for s in stages:
+            if s.name not in done and all(t in done for t in s.teachers):
+                order.append(s)
+                done.add(s.name)
+                break
+    return order
+
+
+def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
+    """Read and validate a chain file (paths in it are relative to its directory)."""
+    if not os.path.isfile(path):
+        raise DistillError(f"chain file {path} does not exist")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)  # JSON is YAML too
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise DistillError(f"chain file {path} is not valid YAML/JSON{where}: {getattr(e, 'problem', e)}") from None
+    check(isinstance(raw, dict), f"chain file {path} must be a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    check(not unknown, f"chain file has unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(TOP_KEYS)}")
+    base = os.path.dirname(os.path.abspath(path))
+
+    name = raw.get("name")
+    check(isinstance(name, str) and NAME.match(name) is not None,
+          "chain file needs a name: (letters, digits, '_', '.', '-'); it names the output directory")
+    check(raw.get("data") is not None, "chain file needs data: (a directory made by distill-prepare)")
+    data = _resolve(base, raw["data"])
+    check(os.path.isfile(os.path.join(data, "dict.src.txt")),
+          f"data directory {data} has no dict.src.txt; prepare it with distill-prepare")
+    defaults = normalize_options(raw.get("defaults"), "defaults")
+
+    raw_stages = raw.get("stages")
+    check(isinstance(raw_stages, list) and raw_stages, "chain file needs stages: a non-empty list")
+    stages, seen = [], set()
+    for i, rs in enumerate(raw_stages):
+        check(isinstance(rs, dict), f"stage {i + 1} must be a mapping with keys {', '.join(STAGE_KEYS)}")
+        sname = rs.get("name")
+        check(isinstance(sname, str) and NAME.match(sname) is not None,
+              f"stage {i + 1} needs a name: (letters, digits, '_', '.', '-')")
+        where = f"stage {sname!r}"
+        check(sname not in seen, f"two stages are named {sname!r}; stage names must be unique")
+        seen.add(sname)
+        unknown = sorted(set(rs) - set(STAGE_KEYS))
+        check(not unknown, f"{where} has unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(STAGE_KEYS)}")
+        args = dict(defaults)
+        args.update(normalize_options(rs.get("args"), f"{where} args"))
+        init = None
+        if rs.get("init") is not None:
+            init = _resolve(base, rs["init"])
+            check(os.path.isfile(init), f"{where}: init checkpoint {init} does not exist")
+        arch = rs.get("arch")
+        if arch is None:
+            check(init is not None, f"{where} needs an arch: (e.g. kd_gpt2_tiny) or an init: checkpoint")
+            recorded = arch_of_checkpoint(init)
+            arch = recorded.pop("arch")
+            for key, value in recorded.items():
+                args.setdefault(key, value)
+        selected = rs.get("checkpoint", "best")
+        check(selected in ("best", "last"), f"{where}: checkpoint must be best or last, got {selected!r}")
+        stages.append(StageSpec(sname, str(arch), args, _teachers(rs.get("teacher"), where), init, selected))
+
+    names = [s.name for s in stages]
+    for s in stages:
+        for t in s.teachers:
+            check(t in names, f"stage {s.name!r} names teacher {t!r}, which is not a stage; stages: {', '.join(names)}")
+    cycle = find_cycle({s.name: s.teachers for s in stages})
+    if cycle:
+        raise DistillError(f"stages form a cycle: {' -> '.join(cycle)}; a stage's teacher must be trained before it")
+
+    out = os.path.abspath(output_dir) if output_dir else (
+        _resolve(base, raw["output_dir"]) if raw.get("output_dir") else os.path.abspath(os.path.join("checkpoints", name))
+    )
+    chain = ChainConfig(name, os.path.abspath(path), data, out, training_order(stages))
+    check_criteria(chain)
+    return chain
+
+
+def check_criteria(chain: ChainConfig):
+    """Every criterion is registered (after importing distill_plugins), distillation criterions have
+    a teacher, and multi-teacher options match the number of teachers."""
+    import distill_plugins  # noqa: F401  (registers our criterions)
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    from ..criterions.multi_teacher_kd import parse_divergences, parse_weights
+    from ..criterions.token_level_kd import TokenLevelKDCriterion
+
+    for s in chain.stages:
+        crit = s.criterion
+        if crit not in CRITERION_REGISTRY:
+            ours = sorted(k for k, v in CRITERION_REGISTRY.items() if v.__module__.startswith("distill_plugins"))
+            raise DistillError(
+                f"stage {s.name!r}: unknown criterion {crit!r}; use cross_entropy or one of {', '.join(ours)}"
+            )
+        if issubclass(CRITERION_REGISTRY[crit], TokenLevelKDCriterion) and not s.teachers:
+            raise DistillError(f"stage {s.name!r}: criterion {crit} distills from a teacher; give the stage a teacher: <stage>")
+        if crit == "multi_teacher_kd":
+            try:
+                parse_weights(str(s.args.get("teacher-weights") or ""), len(s.teachers))
+                parse_divergences(str(s.args.get("teacher-divergences") or ""), len(s.teachers))
+            except DistillError as e:
+                raise DistillError(f"stage {s.name!r} ({len(s.teachers)} teacher(s)): {e.message}") from None

@@ -1,0 +1,124 @@
+"""Decide, before anything runs, what each stage needs, and say why.
+
+* ``skip``: recorded as done, same fingerprint, and its selected checkpoint still has the recorded
+  sha256 (a file merely existing is not enough).
+* ``resume``: recorded as started (interrupted, killed or failed) with the same fingerprint: rerun
+  the same command, and fairseq continues from ``checkpoint_last.pt`` in the stage's directory.
+* ``train`` / ``retrain``: new, or invalidated: settings, teacher checkpoint, initial checkpoint or
+  data changed, the checkpoint is missing or was replaced outside the chain, or a teacher of the
+  stage is itself (re)trained. A retrained stage's old directory is moved to ``<stage>.stale``.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..teacher import sha256_file
+from .command import fingerprint, settings_diff, stage_argv, stage_settings
+from .config import ChainConfig, StageSpec
+from .inspect import count_parameters
+from .manifest import Manifest
+
+
+@dataclass
+class StagePlan:
+    stage: StageSpec
+    action: str  # skip | resume | train | retrain
+    reasons: List[str] = field(default_factory=list)
+    sha256: Optional[str] = None  # skip: the verified sha256 of the selected checkpoint
+    parameters: Optional[int] = None
+
+
+def short(sha: Optional[str]) -> str:
+    return (sha or "none")[:12]
+
+
+def checkpoint_updates(path: str) -> Optional[int]:
+    """Number of updates recorded in a fairseq checkpoint (read memory-mapped), None if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["optimizer_history"][-1]["num_updates"])
+    except Exception:
+        return None
+
+
+def _changes(rec: dict, settings: dict, teacher_sha: List[str], init_sha: Optional[str], data_sha: str) -> List[str]:
+    out = ["settings changed: " + c for c in settings_diff(rec.get("settings", {}), settings)]
+    old_teachers = rec.get("teachers", [])
+    for i, sha in enumerate(teacher_sha):
+        old = old_teachers[i]["sha256"] if i < len(old_teachers) else None
+        name = settings["teachers"][i]
+        if old != sha and settings["teachers"] == rec.get("settings", {}).get("teachers"):
+            out.append(f"teacher {name!r} checkpoint differs from the one it was trained with "
+                       f"(sha256 {short(old)} -> {short(sha)})")
+    if (rec.get("init") or {}).get("sha256") != init_sha:
+        out.append(f"init checkpoint changed (sha256 {short((rec.get('init') or {}).get('sha256'))} -> {short(init_sha)})")
+    if rec.get("data_sha256") != data_sha:
+        out.append("the data directory's content changed")
+    return out or ["its fingerprint changed"]
+
+
+def _has_files(path: str) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
+              warn: Callable[[str], None] = lambda msg: None) -> List[StagePlan]:
+    plans: Dict[str, StagePlan] = {}
+    for stage in chain.stages:
+        rec = manifest.stages.get(stage.name)
+        save_dir, ckpt = chain.save_dir(stage), chain.checkpoint_path(stage)
+        retrained = [t for t in stage.teachers if plans[t].action != "skip"]
+        if retrained:
+            action = "retrain" if (rec or _has_files(save_dir)) else "train"
+            who = "its teacher" + ("s " if len(retrained) > 1 else " ") + ", ".join(map(repr, retrained))
+            plan = StagePlan(stage, action, [f"{who} {'are' if len(retrained) > 1 else 'is'} (re)trained"])
+        else:
+            settings = stage_settings(stage)
+            teacher_sha = [plans[t].sha256 for t in stage.teachers]
+            init_sha = sha256_file(stage.init) if stage.init else None
+            fp = fingerprint(settings, teacher_sha, init_sha, data_sha256)
+            if rec is None:
+                if _has_files(save_dir):
+                    plan = StagePlan(stage, "retrain", [f"{save_dir} holds files the manifest does not record"])
+                else:
+                    plan = StagePlan(stage, "train", ["not trained yet"])
+            elif rec.get("fingerprint") != fp:
+                plan = StagePlan(stage, "retrain", _changes(rec, settings, teacher_sha, init_sha, data_sha256))
+            elif rec.get("status") == "done":
+                recorded = (rec.get("checkpoint") or {}).get("sha256")
+                if not os.path.isfile(ckpt):
+                    plan = StagePlan(stage, "retrain", [f"its checkpoint {ckpt} is missing"])
+                else:
+                    sha = sha256_file(ckpt)
+                    if sha != recorded:
+                        plan = StagePlan(stage, "retrain", [
+                            f"{os.path.basename(ckpt)} was replaced outside the chain "
+                            f"(sha256 recorded {short(recorded)}, file now {short(sha)})"])
+                    else:
+                        plan = StagePlan(stage, "skip", [f"done, {os.path.basename(ckpt)} verified (sha256 {short(sha)})"], sha)
+            else:
+                last = os.path.join(save_dir, "checkpoint_last.pt")
+                n = checkpoint_updates(last) if os.path.isfile(last) else None
+                if n is not None:
+                    plan = StagePlan(stage, "resume", [f"{rec.get('status')}; resumes from checkpoint_last.pt (update {n})"])
+                elif os.path.isfile(last):
+                    plan = StagePlan(stage, "retrain", [f"{rec.get('status')}, and its checkpoint_last.pt is unreadable "
+                                                        "(killed while writing it?); starts over"])
+                else:
+                    plan = StagePlan(stage, "resume", [f"{rec.get('status')} before saving a checkpoint; starts over"])
+        plans[stage.name] = plan
+
+    # sizes: build every stage's model on the meta device from its real command line
+    for stage in chain.stages:
+        argv = stage_argv(chain, stage, [chain.checkpoint_path(chain.stage(t)) for t in stage.teachers])
+        plans[stage.name].parameters = count_parameters(stage.name, argv)
+    for stage in chain.stages:
+        mine = plans[stage.name].parameters
+        for t in stage.teachers:
+            theirs = plans[t].parameters
+            if mine > theirs:
+                warn(f"stage {stage.name!r} ({mine:,} parameters) is larger than its teacher {t!r} "
+                     f"({theirs:,} parameters); a teacher assistant should sit between teacher and student in size")
+    return [plans[s.name] for s in chain.stages]

@@ -1,0 +1,35 @@
+"""One fairseq-train worker started by torchrun (through ``distill-launch``).
+
+torchrun exports RANK, LOCAL_RANK and WORLD_SIZE (plus MASTER_ADDR/PORT for the ``env://``
+rendezvous). fairseq's own torchrun detection sets ``device_id = rank % cuda.device_count()``,
+which divides by zero on CPU and is wrong across nodes with unequal GPU counts, so each worker
+states rank, world size and device (its local rank) explicitly and does not spawn further
+processes. Then fairseq-train runs as usual.
+"""
+import os
+import sys
+
+from ..errors import DistillError
+
+
+def distributed_arguments(env):
+    try:
+        rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except KeyError as e:
+        raise DistillError(f"{e.args[0]} is not set: start workers with distill-launch (or torchrun)") from None
+    return [
+        "--distributed-world-size", str(world), "--distributed-rank", str(rank), "--device-id", str(local_rank),
+        "--distributed-init-method", "env://", "--distributed-no-spawn",
+    ]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = ["fairseq-train", *argv, *distributed_arguments(os.environ)]
+    from fairseq_cli.train import cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Plain text -> binarized language-modelling data with a prepared data directory's tokenizer and
+dictionary (for MiniLLM's ``--lm-data``, the pre-training term on e.g. OpenWebText).
+
+    python -m distill_plugins.cli.prepare_lm --data data-bin/dolly --train corpus.txt --destdir data-bin/lm
+
+Each non-empty line of ``--train`` is one document, tokenized with DATA's tokenizer and followed by
+EOS; the output is what ``fairseq-preprocess --only-source --srcdict DATA/dict.src.txt`` writes
+(``train.{bin,idx}``, mmap format, and ``dict.txt``), binarized here directly. The destination
+appears only when everything succeeded.
+"""
+import argparse
+import os
+import shutil
+import tempfile
+
+from fairseq.data import Dictionary, indexed_dataset
+
+from ..data.tokenizers import load_tokenizer
+from ..errors import DistillError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m distill_plugins.cli.prepare_lm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="data directory made by distill-prepare (tokenizer, dictionary)")
+    p.add_argument("--train", required=True, help="text file, one document per line")
+    p.add_argument("--destdir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
+    args = p.parse_args(argv)
+    dict_file = os.path.join(args.data, "dict.src.txt")
+    if not os.path.isfile(dict_file):
+        raise DistillError(f"{args.data} has no dict.src.txt; pass a directory made by distill-prepare")
+    if not os.path.isfile(args.train):
+        raise DistillError(f"--train {args.train} does not exist")
+    dest = os.path.abspath(args.destdir)
+    if os.path.exists(dest) and not args.overwrite:
+        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+    tok = load_tokenizer(args.data)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".prepare-lm-", dir=os.path.dirname(dest) or ".")
+    try:
+        dictionary = Dictionary.load(dict_file)
+        out = os.path.join(work, "bin")
+        os.makedirs(out)
+        builder = indexed_dataset.make_builder(os.path.join(out, "train.bin"), impl="mmap",
+                                               vocab_size=len(dictionary))
+        n, ntok, nunk = 0, 0, 0
+        with open(args.train, encoding="utf-8") as fin:
+            for line in fin:
+                if not line.strip():
+                    continue
+                ids = dictionary.encode_line(" ".join(tok.encode(line.strip())), add_if_not_exist=False,
+                                             append_eos=True).long()
+                builder.add_item(ids)
+                n, ntok, nunk = n + 1, ntok + len(ids), nunk + int((ids == dictionary.unk()).sum())
+        if n == 0:
+            raise DistillError(f"--train {args.train} has no non-empty line")
+        builder.finalize(os.path.join(out, "train.idx"))
+        shutil.copyfile(dict_file, os.path.join(out, "dict.txt"))
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"| wrote {n} documents, {ntok} tokens ({nunk} <unk>) to {dest}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Writing result files whole or not at all: a temporary file in the same directory, then a rename.
+
+A reader (or a crashed run) never sees a half-written JSON, markdown or PNG file.
+"""
+import json
+import os
+import tempfile
+from typing import Callable
+
+
+def write_atomic(path: str, write: Callable, mode: str = "w"):
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str):
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_json_atomic(path: str, obj):
+    write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))

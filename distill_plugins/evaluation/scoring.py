@@ -1,0 +1,52 @@
+"""Scoring generated responses against instruction-data references (spec section 5).
+
+Shared by ``distill-score``, ``distill-evaluate`` and ``--eval-rouge`` validation, so every number
+comes from one code path: token pieces are decoded with the data directory's tokenizer, cut at the
+first end-of-text marker and stripped (``clean_response``), then scored with ``rouge_l``: the
+maximum Rouge-L F-measure x 100 over the row's references, averaged over examples. Over seeds we
+report the mean and the population standard deviation (``numpy.std``, as ABKD's tables).
+"""
+import statistics
+from typing import Dict, List, Sequence, Tuple
+
+from ..data.instruction_jsonl import references
+from ..errors import DistillError
+from .fairseq_output import read_hypotheses
+from .rouge import clean_response, corpus_rouge_l
+
+
+def response_text(tokenizer, pieces: Sequence[str]) -> str:
+    """The response string of generated token pieces (detokenized, cut at EOS, stripped)."""
+    return clean_response(tokenizer.decode(list(pieces)))
+
+
+def token_pieces(dictionary, tokens) -> List[str]:
+    """Token strings of a hypothesis tensor, without EOS/pad (as fairseq-generate's H- lines)."""
+    return dictionary.string(tokens).split()
+
+
+def score_responses(responses: Dict[int, str], rows: List[Dict], source: str = "generations") -> Tuple[float, int]:
+    """Mean Rouge-L of ``{row index: response}`` against the rows' references; returns (score, n)."""
+    beyond = [i for i in responses if i < 0 or i >= len(rows)]
+    if beyond:
+        raise DistillError(f"{source}: sample id {beyond[0]} is beyond the {len(rows)} reference rows")
+    ids = sorted(responses)
+    return corpus_rouge_l([responses[i] for i in ids], [references(rows[i]) for i in ids]), len(ids)
+
+
+def score_generation_file(path: str, rows: List[Dict], tokenizer) -> Tuple[float, int, List[str]]:
+    """Rouge-L of a fairseq-generate output file (H- lines) against ``rows``: (score, n, predictions)."""
+    hyps = read_hypotheses(path)
+    responses = {i: response_text(tokenizer, pieces) for i, pieces in hyps.items()}
+    score, n = score_responses(responses, rows, source=path)
+    return score, n, [responses[i] for i in sorted(responses)]
+
+
+def seed_summary(scores: Sequence[float]) -> Dict[str, float]:
+    """Mean and population standard deviation of per-seed scores."""
+    if not scores:
+        raise ValueError("no scores to summarize")
+    return {
+        "rouge_l": statistics.fmean(scores),
+        "rouge_l_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+    }

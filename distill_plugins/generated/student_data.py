@@ -1,0 +1,273 @@
+"""Student-generated training batches inside fairseq-train (ImitKD, GKD, DistiLLM; spec section 3).
+
+``StudentData`` is held by the task; ``prepare(...)`` is called by the task's ``train_step`` before
+the criterion sees the batch and may replace it by fresh student generations or a replay-buffer
+batch (see ``schedule`` for the decision rule). It adds counters to the logging output that
+``reduce_metrics`` turns into the per-update log: ``src_gen``/``src_buf``/``src_gt`` (fraction of
+micro-batches that generated / replayed / used ground truth), ``tau``, ``buf`` (buffer fill),
+``gen_s`` (seconds of generation per micro-batch and worker) and ``gen_tok`` (generated response
+tokens per micro-batch and worker, EOS included).
+
+Data parallelism: each worker generates for its own prompts and keeps its own buffer; r is drawn
+from (seed, update, micro-batch) so every worker takes the same branch; "buffer full" is
+all-reduced (only when it decides); tau moves only on the all-reduced validation loss.
+
+Resume: tau, the reference dev loss and the buffer's fill are saved in the task state. fairseq's
+trainer does not hand the task state back on resume, so they are read from the restored checkpoint
+at the first step. The buffer's contents are not saved: after a resume it refills from empty.
+"""
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+from fairseq import utils
+from fairseq.distributed import utils as dist_utils
+from fairseq.logging import metrics
+
+from ..data.prompt_response_dataset import collate_examples
+from ..errors import DistillError, check
+from . import schedule
+from .replay_buffer import ReplayBuffer
+from .responses import examples_from_responses, sample_responses
+
+logger = logging.getLogger(__name__)
+
+LOG_KEYS = ("sd_steps", "sd_gen", "sd_buf", "sd_gt", "sd_tau", "sd_fill", "sd_time", "sd_gen_seqs", "sd_gen_toks")
+
+
+def validate_options(cfg):
+    """One-line errors for impossible settings, before anything is built."""
+    mode = getattr(cfg, "student_data_mode", "off")
+    if mode == "off":
+        return
+    check(0.0 <= cfg.student_data_lambda <= 1.0,
+          f"--student-data-lambda must be in [0, 1], got {cfg.student_data_lambda}")
+    check(0.0 <= cfg.adaptive_tau_init <= 1.0, f"--adaptive-tau-init must be in [0, 1], got {cfg.adaptive_tau_init}")
+    check(cfg.adaptive_loss_eps >= 0, f"--adaptive-loss-eps must be >= 0, got {cfg.adaptive_loss_eps}")
+    check(cfg.replay_buffer_size >= 1,
+          f"--replay-buffer-size must be at least 1, got {cfg.replay_buffer_size}")
+    check(cfg.gen_max_new_tokens >= 1, f"--gen-max-new-tokens must be >= 1, got {cfg.gen_max_new_tokens}")
+    check(0.0 < cfg.gen_top_p <= 1.0, f"--gen-top-p must be in (0, 1], got {cfg.gen_top_p}")
+    check(cfg.gen_temperature > 0, f"--gen-temperature must be > 0, got {cfg.gen_temperature}")
+    if mode == "adaptive" and cfg.replay_ratio != "constant":
+        check(isinstance(cfg.max_update, int) and cfg.max_update > 0,
+              f"--replay-ratio {cfg.replay_ratio} needs the total number of updates: pass --max-update")
+
+
+def check_model_positions(cfg, model):
+    """A one-token prompt plus the generation budget must fit the model's and the task's positions."""
+    if getattr(cfg, "student_data_mode", "off") == "off":
+        return
+    positions = min(int(model.max_positions()), int(cfg.tokens_per_sample))
+    if cfg.gen_max_new_tokens + 1 > positions:
+        raise DistillError(
+            f"--gen-max-new-tokens {cfg.gen_max_new_tokens} does not fit the model's {positions} positions "
+            f"(the smaller of the model's and --tokens-per-sample) after a prompt; use at most {positions - 1}"
+        )
+
+
+def unwrap(model):
+    """The fairseq model inside DDP/proxy wrappers (generation calls its decoder directly)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+class StudentData:
+    def __init__(self, cfg, task):
+        validate_options(cfg)
+        self.cfg, self.task = cfg, task
+        self.mode = str(cfg.student_data_mode)  # a fairseq StrEnum: plain str for pickling
+        self.seed = int(cfg.seed)
+        self.rank = dist_utils.get_data_parallel_rank() if torch.distributed.is_initialized() else 0
+        self.world = dist_utils.get_data_parallel_world_size() if torch.distributed.is_initialized() else 1
+        self.buffer = ReplayBuffer(cfg.replay_buffer_size, seed=self.seed * 1000 + self.rank)
+        self.threshold = schedule.AdaptiveThreshold(cfg.adaptive_tau_init, cfg.adaptive_loss_eps)
+        self.restored_fill: Optional[int] = None
+        self._started = False
+        self._valid_pending = False
+        self._update, self._micro = -1, 0
+        self._trace = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**self.threshold.state_dict(), "buffer_fill": len(self.buffer), "mode": self.mode}
+
+    def load_state_dict(self, state: dict):
+        self.threshold.load_state_dict(state)
+        self.restored_fill = int(state.get("buffer_fill", 0))
+        logger.info(f"student data: resumed with tau={self.threshold.tau} prev dev loss={self.threshold.prev_loss}; "
+                    f"the replay buffer held {self.restored_fill} sequences, its contents are not saved: it refills")
+
+    def _checkpoint_path(self) -> Optional[str]:
+        restore = getattr(self.cfg, "restore_file", "checkpoint_last.pt")
+        if restore == "checkpoint_last.pt":
+            return os.path.join(self.cfg.save_dir, "checkpoint_last.pt")
+        return restore
+
+    def _start(self, task, model, criterion, update_num: int):
+        """First step: restore the state of a resumed run, or measure the initial model's dev loss."""
+        self._started = True
+        path = self._checkpoint_path() if update_num > 0 else None
+        if path and os.path.isfile(path):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            except RuntimeError:  # not a zip checkpoint: mmap unsupported
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            saved = (state.get("task_state") or {}).get("student_data")
+            del state
+            if saved:
+                self.load_state_dict(saved)
+                return
+        if self.mode == "adaptive" and self.threshold.prev_loss is None:
+            loss = self.initial_dev_loss(task, model, criterion)
+            if loss is not None:
+                self.threshold.prev_loss = loss
+                logger.info(f"student data: dev CE of the initial model {loss:.4f} nats/token (reference for tau)")
+                self._write_trace({"event": "initial_dev_loss", "dev_loss": loss, "tau": self.threshold.tau})
+
+    def initial_dev_loss(self, task, model, criterion) -> Optional[float]:
+        """Teacher-forced dev CE (nats/token) of the model before training, as DistiLLM measures at step 0."""
+        subset = str(getattr(self.cfg, "valid_subset", "valid")).split(",")[0]
+        if subset not in task.datasets:
+            return None
+        device = next(unwrap(model).parameters()).device
+        itr = task.get_batch_iterator(
+            task.dataset(subset), max_tokens=self.cfg.max_tokens_valid, max_sentences=self.cfg.batch_size_valid,
+            max_positions=task.max_positions(), num_shards=self.world, shard_id=self.rank, seed=self.seed,
+            disable_iterator_cache=True,
+        ).next_epoch_itr(shuffle=False)
+        ce, ntok = 0.0, 0
+        model.eval()  # the criterion directly, not task.valid_step: no validation extras (Rouge-L)
+        with torch.no_grad():
+            for sample in itr:
+                if not sample:
+                    continue
+                sample = utils.apply_to_sample(lambda t: t.to(device), sample)
+                _, _, log = criterion(model, sample)
+                ce += float(log["nll_loss"] if "nll_loss" in log else log["loss"])
+                ntok += int(log["ntokens"])
+        model.train()
+        totals = torch.tensor([ce, float(ntok)], dtype=torch.float64, device=device)
+        if self.world > 1:
+            dist_utils.all_reduce(totals, group=dist_utils.get_data_parallel_group())
+        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+    # -- validation -> tau -----------------------------------------------------------------------
+    def begin_valid(self):
+        self._valid_pending = True
+
+    def after_valid(self, stats: dict, agg=None):
+        """Adapt tau on the first validation subset's CE (all-reduced by fairseq, identical on all workers)."""
+        if not self._valid_pending or self.mode != "adaptive":
+            return
+        self._valid_pending = False
+        loss = None
+        for key in ("nll_loss", "loss"):
+            if agg is not None and key in agg:
+                loss = float(agg[key].avg)
+            elif key in stats:
+                loss = float(stats[key])
+            if loss is not None:
+                break
+        if loss is None:
+            return
+        loss *= math.log(2)  # fairseq logs base 2; DistiLLM's eps is in nats
+        before = self.threshold.tau
+        raised = self.threshold.observe(loss)
+        logger.info(f"student data: dev CE {loss:.4f} nats, tau {before:.1f} -> {self.threshold.tau:.1f}"
+                    + (" (raised)" if raised else ""))
+        self._write_trace({"event": "valid", "dev_loss": loss, "tau": self.threshold.tau, "raised": raised})
+
+    # -- one training step ---------------------------------------------------------------------------
+    def _all_full(self, device) -> bool:
+        not_full = torch.tensor([0.0 if self.buffer.full else 1.0], device=device)
+        if self.world > 1:
+            dist_utils.all_reduce(not_full, group=dist_utils.get_data_parallel_group(), op="max")
+        return bool(not_full.item() == 0.0)
+
+    def prepare(self, task, sample, model, criterion, update_num: int):
+        """Returns the batch to train on and this step's logging counters."""
+        if not self._started:
+            self._start(task, model, criterion, update_num)
+        if update_num != self._update:
+            self._update, self._micro = update_num, 0
+        else:
+            self._micro += 1
+        device = sample["target"].device
+        tau = self.threshold.tau
+        r = schedule.decision_random(self.seed, update_num, self._micro)
+        s = schedule.replay_share(tau, update_num + 1, self.cfg.max_update or 0, str(self.cfg.replay_ratio)) \
+            if self.mode == "adaptive" else 0.0
+        full = None
+        if self.mode == "adaptive" and s <= r < tau:
+            full = self._all_full(device)
+        source = schedule.choose_source(self.mode, r, lam=1.0 if self.mode == "always" else self.cfg.student_data_lambda,
+                                        tau=tau, s=s, buffer_full=full)
+        log = {k: 0.0 for k in LOG_KEYS}
+        log["sd_steps"] = 1.0
+        bsz = int(sample["target"].size(0))
+        if source in (schedule.GENERATE, schedule.GENERATE_REPLAY):
+            examples, seconds = self._generate(task, model, sample, device)
+            pad = task.dictionary.pad()
+            log.update(sd_gen=1.0, sd_time=seconds, sd_gen_seqs=float(len(examples)),
+                       sd_gen_toks=float(sum(int(e["target"].ne(pad).sum()) for e in examples)))
+            self.buffer.push(examples)
+            if source == schedule.GENERATE_REPLAY:
+                examples = self.buffer.sample(bsz)
+            sample = self._to_batch(examples, device)
+        elif source == schedule.REPLAY:
+            sample = self._to_batch(self.buffer.sample(bsz), device)
+            log["sd_buf"] = 1.0
+        else:
+            log["sd_gt"] = 1.0
+        log["sd_tau"], log["sd_fill"] = float(tau), float(len(self.buffer))
+        self._write_trace({"update": update_num, "micro": self._micro, "r": r, "s": s, "tau": tau,
+                           "source": source, "fill": len(self.buffer), "bsz": int(sample["target"].size(0))})
+        return sample, log
+
+    def _generate(self, task, model, sample, device):
+        student = unwrap(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        responses = sample_responses(
+            task, student, sample, self.cfg.gen_max_new_tokens, top_p=self.cfg.gen_top_p,
+            temperature=self.cfg.gen_temperature, max_total=self.cfg.tokens_per_sample,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        pad, eos = task.dictionary.pad(), task.dictionary.eos()
+        return examples_from_responses(sample, responses, pad, eos, self.cfg.tokens_per_sample), seconds
+
+    def _to_batch(self, examples: List[Dict], device):
+        batch = collate_examples(examples, self.task.dictionary.pad())
+        return utils.apply_to_sample(lambda t: t.to(device), batch)
+
+    def _write_trace(self, record: dict):
+        if not getattr(self.cfg, "student_data_trace", None):
+            return
+        if self._trace is None:
+            self._trace = open(f"{self.cfg.student_data_trace}.rank{self.rank}.jsonl", "a")
+        self._trace.write(json.dumps(record) + "\n")
+        self._trace.flush()
+
+
+def reduce_metrics(logging_outputs):
+    """Log the per-update data source, tau, buffer fill and generation time (summed over workers)."""
+    steps = sum(float(log.get("sd_steps", 0)) for log in logging_outputs)
+    if steps <= 0:
+        return
+    total = lambda k: sum(float(log.get(k, 0)) for log in logging_outputs)  # noqa: E731
+    metrics.log_scalar("src_gen", total("sd_gen") / steps, steps, round=3)
+    metrics.log_scalar("src_buf", total("sd_buf") / steps, steps, round=3)
+    metrics.log_scalar("src_gt", total("sd_gt") / steps, steps, round=3)
+    metrics.log_scalar("tau", total("sd_tau") / steps, steps, round=2)
+    metrics.log_scalar("buf", total("sd_fill") / steps, steps, round=1)
+    metrics.log_scalar("gen_s", total("sd_time") / steps, steps, round=3)
+    metrics.log_scalar("gen_tok", total("sd_gen_toks") / steps, steps, round=1)

@@ -1,0 +1,129 @@
+"""MiniLLM rollouts: sample responses with teacher-mixed sampling, score them, replay them for PPO.
+
+A rollout is one prompt + sampled response (``join_prompt_response``'s example) plus, for each
+response token y_t (the positions where ``target != pad``, in order):
+
+* ``old_logp``     log q_old(y_t), the student that sampled it (eval mode, no gradient)
+* ``teacher_logp`` log p(y_t), the teacher (mean-centred logits, MiniLLM reward.py)
+* ``weight``       w_t = q_old / ((1 - a) q_old + a p), the per-token importance weight of
+                   teacher-mixed sampling from (1 - a) q + a p (Gu et al. 2024, section 2.2)
+
+``RolloutStore`` replays one collection for ``ppo_epochs`` passes, each in a fresh random order,
+as minibatches; it is emptied afterwards (no replay across collections, as in MiniLLM).
+"""
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data.prompt_response_dataset import collate_examples
+from .policy_gradient import mixture_importance_weights, teacher_token_log_probs, token_log_probs
+from .sampling import MixtureLM, batch_from_responses, generate_responses
+
+ROLLOUT_FIELDS = ("old_logp", "teacher_logp", "weight")
+
+
+def sampler_model(student, teacher_model, alpha: float):
+    """The model that draws rollouts: the student itself, or the mixture (1 - a) q + a p.
+
+    The mixture is returned in eval mode: ``generate_responses`` restores the mode it finds, and
+    a fresh module (training mode) would switch the teacher's dropout on afterwards."""
+    if alpha <= 0.0:
+        return student
+    return MixtureLM([student, teacher_model], [1.0 - alpha, alpha]).eval()
+
+
+@torch.no_grad()
+def score_rollouts(student, teacher, batch, alpha: float, pad: int) -> List[Dict]:
+    """Per-token log q_old, log p and w for a batch of prompt + response examples (no gradient).
+
+    ``student`` must be in eval mode (MiniLLM trains and samples without dropout)."""
+    net_input = batch["net_input"]
+    target = batch["target"]
+    mask = target.ne(pad)
+    old_logp = token_log_probs(student(**net_input)[0], target)
+    teacher_logp = teacher_token_log_probs(teacher.logits(net_input), target, mask)
+    weight = mixture_importance_weights(old_logp, teacher_logp, alpha)
+    out = []
+    for i in range(target.size(0)):
+        row = mask[i]
+        out.append({"old_logp": old_logp[i][row].float().cpu(), "teacher_logp": teacher_logp[i][row].float().cpu(),
+                    "weight": weight[i][row].float().cpu()})
+    return out
+
+
+def collect_rollouts(task, student, teacher, sampler, generator, prompt_sample, alpha: float,
+                     max_len: int, max_new_tokens: Optional[int] = None) -> List[Dict]:
+    """Sample one response per prompt of ``prompt_sample`` from ``sampler`` (``sampler_model``)
+    with ``generator`` (built for it) and score it; returns rollout examples (tensors on the CPU).
+    Responses are cut to ``max_new_tokens`` and prompt + response to ``max_len`` tokens."""
+    pad, eos = task.target_dictionary.pad(), task.target_dictionary.eos()
+    responses = generate_responses(task, sampler, prompt_sample, generator=generator)
+    if max_new_tokens is not None:
+        responses = [r[:max_new_tokens] for r in responses]
+    batch = batch_from_responses(prompt_sample, responses, pad, eos, max_len)
+    device = prompt_sample["net_input"]["src_tokens"].device
+    batch = to_device(batch, device)
+    scores = score_rollouts(student, teacher, batch, alpha, pad)
+    rollouts = []
+    for i, s in enumerate(scores):
+        n = int(batch["target"][i].ne(pad).sum())
+        length = int(batch["net_input"]["src_lengths"][i])
+        ex = {"id": int(batch["id"][i]), "source": batch["net_input"]["src_tokens"][i, :length].cpu(),
+              "target": batch["target"][i, :length].cpu(), "prompt_length": int(batch["prompt_lengths"][i])}
+        assert n == len(s["old_logp"])
+        ex.update(s)
+        rollouts.append(ex)
+    return rollouts
+
+
+def rollout_batch(rollouts: List[Dict], pad: int, device=None) -> Dict:
+    """Collate rollouts into a training batch: the usual fields plus ``rollout``, a dict of
+    ``[B, T]`` tensors aligned with ``target`` (0 outside the response)."""
+    batch = collate_examples(rollouts, pad)
+    mask = batch["target"].ne(pad)
+    fields = {}
+    for name in ROLLOUT_FIELDS:
+        full = torch.zeros(mask.shape, dtype=torch.float32)
+        full[mask] = torch.cat([r[name] for r in rollouts])
+        fields[name] = full
+    batch["rollout"] = fields
+    return to_device(batch, device) if device is not None else batch
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+class RolloutStore:
+    """One collection of rollouts, replayed for ``ppo_epochs`` shuffled passes of minibatches."""
+
+    def __init__(self, ppo_epochs: int, seed: int = 0):
+        self.ppo_epochs = ppo_epochs
+        self.rng = np.random.RandomState(seed)
+        self.rollouts: List[Dict] = []
+        self.order: List[int] = []
+        self.epochs_done = 0
+
+    def fill(self, rollouts: List[Dict]):
+        self.rollouts = list(rollouts)
+        self.epochs_done = 0
+        self.order = []
+
+    def exhausted(self) -> bool:
+        return not self.rollouts or (not self.order and self.epochs_done >= self.ppo_epochs)
+
+    def next_minibatch(self, size: int) -> Optional[List[Dict]]:
+        """Up to ``size`` rollouts of the current pass (a pass never spills into the next)."""
+        if not self.order:
+            if self.epochs_done >= self.ppo_epochs or not self.rollouts:
+                return None
+            self.order = list(self.rng.permutation(len(self.rollouts)))
+            self.epochs_done += 1
+        take, self.order = self.order[:size], self.order[size:]
+        batch = [self.rollouts[i] for i in take]
+        if not self.order and self.epochs_done >= self.ppo_epochs:
+            self.rollouts = []  # cleared after its last pass
+        return batch

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# MiniLLM on one GPU, small and quick (a few minutes): the bundled Dolly subset, a kd_gpt2_mini teacher
+# and a kd_gpt2_tiny student fine-tuned first, then MiniLLM with the spec's coefficients in fp16, and
+# the reverse KL on the test prompts before and after. Writes $OUT (default results/minillm_gpu).
+# On a machine without fairseq, wheels from ./.whl are installed first (scripts/setup_env.sh makes them).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+if ! $PY -c "import fairseq" 2>/dev/null; then
+  $PY -m pip install -q --no-index --find-links .whl ve-fairseq==0.12.3 fairscale==0.4.13
+  $PY -m pip install -q --no-index --no-deps --find-links .whl rouge-score nltk  # imported, Rouge-L not run here
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package, without installing it
+OUT=${OUT:-results/minillm_gpu}
+W=${W:-/tmp/minillm_gpu}
+UPDATES=${UPDATES:-48}
+mkdir -p "$OUT" "$W"
+show() { grep -E "train_inner|valid on|collection|done training|rror" || true; }
+$PY -m distill_plugins.cli.prepare --train examples/dolly/data/train.jsonl --valid examples/dolly/data/valid.jsonl \
+  --test examples/dolly/data/test.jsonl --destdir "$W/data" --vocab-size 4000 --overwrite | tail -1
+TRAIN=($PY -m fairseq_cli.train "$W/data" --user-dir distill_plugins --task instruction_distillation
+  --optimizer adam --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 30 --clip-norm 1.0 --max-tokens 8192
+  --log-format simple --log-interval 50 --no-epoch-checkpoints --seed 1 --num-workers 0 --criterion cross_entropy)
+"${TRAIN[@]}" --arch kd_gpt2_mini --max-update 300 --save-dir "$W/teacher" 2>&1 | show
+"${TRAIN[@]}" --arch kd_gpt2_tiny --max-update 200 --save-dir "$W/student_sft" 2>&1 | show
+$PY -m fairseq_cli.train "$W/data" --user-dir distill_plugins --task minillm --criterion minillm --fp16 \
+  --arch kd_gpt2_tiny --finetune-from-model "$W/student_sft/checkpoint_best.pt" \
+  --teacher-path "$W/teacher/checkpoint_best.pt" --teacher-dtype fp16 \
+  --num-rollouts 256 --rollout-batch-size 64 --rollout-max-new-tokens 128 --ppo-epochs 4 --batch-size 16 \
+  --lm-data "$W/data" --optimizer adam --adam-betas "(0.9,0.95)" --weight-decay 1e-6 --clip-norm 1.0 \
+  --lr 1e-4 --lr-scheduler fixed --warmup-updates 10 --max-update "$UPDATES" --log-format simple \
+  --log-interval 8 --no-epoch-checkpoints --seed 1 --num-workers 0 --save-dir "$W/student_minillm" \
+  2>&1 | tee "$OUT/minillm_train.log" | show
+for m in student_sft/checkpoint_best.pt student_minillm/checkpoint_last.pt; do
+  $PY -m distill_plugins.evaluation.reverse_kl "$W/data" --split test --student "$W/$m" \
+    --teacher "$W/teacher/checkpoint_best.pt" --seeds 10,20 --json "$OUT/$(dirname $m)_reverse_kl.json" 2>&1 | grep "^|"
+done

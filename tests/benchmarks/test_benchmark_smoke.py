@@ -1,0 +1,42 @@
+"""Both benchmarks run at tiny size on CPU and report their figures (not how fast they are)."""
+import json
+import os
+import sys
+
+from conftest import REPO, run
+
+
+def bench(script, tmp_path, *args):
+    out = tmp_path / (script + ".json")
+    proc = run([sys.executable, os.path.join(REPO, "benchmarks", script + ".py"), "--device", "cpu",
+                "--preset", "cpu-tiny", "--json", out, *args])
+    return json.load(open(out)), proc.stdout
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_kd_loss_benchmark_reports_every_implementation(tmp_path):
+    data, table = bench("kd_loss", tmp_path, "--repeats", "1", "--warmup", "0", "--chunk-size", "100")
+    assert set(data["results"]) == {"reference", "plain", "chunked", "fused"}
+    for impl, res in data["results"].items():
+        for key in ("time_ms", "cpu_ms", "peak_extra_mib", "floor_ms", "x_floor", "floor_bytes"):
+            assert positive(res[key]), (impl, key, res)
+    assert data["results"]["plain"]["floor_bytes"] == 256 * 1024 * 4 * 3  # N V (read + grad + teacher) fp32
+    assert positive(data["ratios"]["fused/reference memory"])
+    assert "| fused |" in table and "x floor" in table
+
+
+def test_kd_step_benchmark_reports_ours_and_reference(tmp_path):
+    data, table = bench("kd_step", tmp_path, "--steps", "1", "--warmup", "0", "--kd-impl", "fused")
+    assert set(data["results"]) == {"ours", "reference"}
+    assert data["results"]["ours"]["kd_impl"] == "fused"
+    for name, res in data["results"].items():
+        for key in ("tokens_per_s", "step_s", "cpu_s", "mfu", "peak_gib", "student_params", "teacher_params"):
+            assert positive(res[key]), (name, key, res)
+        assert res["teacher_params"] > res["student_params"]
+    for key in ("tokens_per_s ours/reference", "step_s ours/reference", "mfu ours/reference",
+                "peak_memory ours/reference"):
+        assert positive(data["ratios"][key])
+    assert "| ours |" in table and "| reference |" in table

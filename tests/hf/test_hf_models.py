@@ -1,0 +1,133 @@
+"""Tiny random GPT-2 / OPT / LLaMA / Qwen2 checkpoints: fairseq-side logits and greedy generation
+equal transformers'; export then reload gives the same logits; LoRA merges exactly."""
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+
+import torch  # noqa: E402
+
+import hf_fixtures as F  # noqa: E402
+from distill_plugins.hf.vocab import ABSENT_LOGIT  # noqa: E402
+
+# (family, extra flags): GPT-2 runs native by default; also through the wrapper
+CASES = [("gpt2", []), ("gpt2", ["--hf-backend", "wrapped"]), ("opt", []), ("llama", []), ("qwen2", [])]
+IDS = ["gpt2-native", "gpt2-wrapped", "opt", "llama", "qwen2"]
+TOL = 1e-4
+
+
+def build(family, *extra):
+    return F.build(F.prepared(family), "--arch", "hf_causal_lm", "--hf-model-dir", F.hf_dir(family), *extra)
+
+
+def reference(family):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(F.hf_dir(family)).eval()
+
+
+@pytest.mark.parametrize("family,extra", CASES, ids=IDS)
+def test_logits_and_greedy_generation_equal_transformers(family, extra):
+    task, model, _ = build(family, *extra)
+    assert model.backend == ("wrapped" if extra or family != "gpt2" else "native")
+    model.eval()
+    sample = F.batch(task)
+    src = sample["net_input"]["src_tokens"]
+    with torch.no_grad():
+        ours = model(**sample["net_input"])[0]
+    vocab = model.hf_vocab
+    theirs = F.hf_logits_on(reference(family), vocab, src)
+    real = src.ne(task.dictionary.pad())
+    diff = (F.in_hf_order(ours, vocab) - theirs)[real].abs().max().item()
+    assert diff <= TOL, f"max |fairseq - transformers| = {diff}"
+    # rows no HF token maps to can never be predicted
+    if vocab.absent_rows():
+        assert torch.all(ours[..., vocab.absent_rows()] == ABSENT_LOGIT)
+    assert ours.size(-1) == len(task.dictionary)
+    check_greedy_generation(task, model, family)
+
+
+def check_greedy_generation(task, model, family):
+    """fairseq's generator (through the task, incremental decoding) vs transformers' generate."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    sample = F.batch(task, n=3)
+    budget = 10
+    prompts_len = int(sample["prompt_lengths"].max())
+    gen = task.build_generator([model], GenerationConfig(beam=1, max_len_a=0, max_len_b=prompts_len + budget))
+    hypos = task.inference_step(gen, [model], sample)
+    vocab, ref = model.hf_vocab, reference(family)
+    eos_hf = vocab.specials["eos"]
+    # embedding rows past the tokenizer (Qwen2 pads its table) have no token: not in the dictionary
+    suppress = list(range(vocab.size, ref.config.vocab_size)) or None
+    for i, beams in enumerate(hypos):
+        n = int(sample["prompt_lengths"][i])
+        prompt = sample["net_input"]["src_tokens"][i, :n].tolist()
+        ours = [vocab.fairseq_to_hf[t] for t in beams[0]["tokens"].tolist()]
+        ids = torch.tensor([[eos_hf] + [vocab.fairseq_to_hf[t] for t in prompt]])
+        with torch.no_grad():
+            out = ref.generate(ids, max_new_tokens=prompts_len + budget - n, do_sample=False,
+                               eos_token_id=eos_hf, pad_token_id=eos_hf, suppress_tokens=suppress)
+        theirs = out[0, ids.size(1):].tolist()
+        k = len(ours) - 1 if ours[-1] == eos_hf else len(ours)  # fairseq forces EOS at max length
+        assert k >= 1 and ours[:k] == theirs[:k], (ours, theirs)
+        if k < len(theirs) and ours[-1] == eos_hf and len(ours) - 1 < prompts_len + budget - n:
+            assert theirs[k] == eos_hf
+
+
+@pytest.mark.parametrize("family,extra", CASES, ids=IDS)
+def test_export_then_reload_gives_same_logits(family, extra, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill_plugins.cli import export_hf
+
+    task, model, cfg = build(family, *extra)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: export must carry these weights, not the original ones
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    sample = F.batch(task)
+    with torch.no_grad():
+        ours = model(**sample["net_input"])[0]
+    ckpt = F.save_checkpoint(tmp_path / "checkpoint.pt", model, cfg, task)
+    export_hf.main([ckpt, str(tmp_path / "hf"), "--data", F.prepared(family)])
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert reloaded.config.model_type == family
+    vocab = model.hf_vocab
+    assert reloaded.get_input_embeddings().weight.size(0) == vocab.size
+    theirs = F.hf_logits_on(reloaded, vocab, sample["net_input"]["src_tokens"])
+    real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
+    assert (F.in_hf_order(ours, vocab) - theirs)[real].abs().max().item() <= TOL
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert tok.eos_token_id == vocab.specials["eos"] and len(tok) == vocab.size
+
+
+@pytest.mark.parametrize("family,extra", [("gpt2", []), ("llama", [])], ids=["gpt2-native", "llama"])
+def test_lora_trains_adapters_only_and_merges_exactly(family, extra, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distill_plugins.cli import export_hf
+
+    task, model, cfg = build(family, "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,k,v,o,up", *extra)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    # exactly the base model before training (B = 0)
+    _, base, _ = build(family, *extra)
+    base.eval(), model.eval()
+    sample = F.batch(task)
+    with torch.no_grad():
+        assert torch.equal(model(**sample["net_input"])[0], base(**sample["net_input"])[0])
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.5)
+        adapted = model(**sample["net_input"])[0]
+    assert (adapted - base(**sample["net_input"])[0]).abs().max() > 1e-3
+    ckpt = F.save_checkpoint(tmp_path / "checkpoint.pt", model, cfg, task)
+    export_hf.main([ckpt, str(tmp_path / "hf"), "--data", F.prepared(family)])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    theirs = F.hf_logits_on(merged, model.hf_vocab, sample["net_input"]["src_tokens"])
+    real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
+    assert (F.in_hf_order(adapted, model.hf_vocab) - theirs)[real].abs().max().item() <= TOL
