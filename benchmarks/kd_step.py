@@ -293,6 +293,11 @@ def build_reference(args, device, data_dir):
 
 # -- measurement ----------------------------------------------------------------------------------
 def measure_step(name, builder, args, device, data_dir, peak_flops):
+    gc.collect()
+    allocated_before = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        allocated_before = torch.cuda.memory_allocated(device)  # should be ~0: the other run was freed
     torch.manual_seed(args.seed)
     step, state_bytes, p_student, p_teacher, info = builder(args, device, data_dir)
     tokens = args.batch * args.seq_len
@@ -313,6 +318,7 @@ def measure_step(name, builder, args, device, data_dir, peak_flops):
         "step_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / wall,
         "mfu": tokens * flops_per_token / seconds / peak_flops,
         "peak_gib": peak / measure.GiB,
+        "allocated_before_build_gib": allocated_before / measure.GiB,
     }
     del step, state_bytes
     gc.collect()

@@ -29,7 +29,7 @@ logits keep the plain form's semantics (``divergences.py``).
 The gradient is computed during the forward pass: call ``backward`` at most once on the result.
 """
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -23,7 +23,7 @@ student's dictionary, in one of two formats:
 * ``distill-prepare`` output (``train.src-tgt.{src,tgt}``, made with ``--spm-model`` of the main
   data so the dictionary matches): the LM loss covers the responses;
 * plain text binarized by ``fairseq-preprocess --only-source --srcdict DATA/dict.src.txt``
-  (``train.bin/.idx``, e.g. ``examples/minillm/prepare_lm_data.py``): cut into contiguous blocks
+  (``train.bin/.idx``; ``python -m distill_plugins.cli.prepare_lm`` writes it): cut into contiguous blocks
   of ``--tokens-per-sample`` tokens, loss on every token (MiniLLM's OpenWebText term).
 
 Sampling is plain ancestral sampling (top-k 0, top-p 1, temperature 1, as in MiniLLM): anything
@@ -99,6 +99,8 @@ class MiniLLMTask(InstructionDistillationTask):
 
     def __init__(self, cfg: MiniLLMTaskConfig, dictionary: Dictionary):
         super().__init__(cfg, dictionary)
+        check(str(getattr(cfg, "student_data_mode", "off")) == "off",
+              "--student-data-mode is for --task instruction_distillation; MiniLLM samples its own rollouts")
         check(cfg.num_rollouts >= 1, f"--num-rollouts must be >= 1, got {cfg.num_rollouts}")
         check(cfg.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {cfg.rollout_batch_size}")
         check(cfg.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {cfg.ppo_epochs}")

@@ -7,6 +7,7 @@ import pytest
 from fairseq.data import Dictionary
 
 from conftest import cli, make_rows, run, train, write_jsonl
+from distill_plugins.data.instruction_jsonl import read_instruction_jsonl
 from distill_plugins.errors import DistillError
 from distill_plugins.tasks.instruction_distillation import (
     InstructionDistillationConfig,
@@ -124,11 +125,10 @@ GOOD = {"instruction": "Repeat: sun tree", "input": "", "output": "sun tree"}
     "lines, needle",
     [
         ([json.dumps(GOOD), json.dumps({"instruction": "Repeat: sun", "input": ""})], ":2: missing field 'output'"),
-        ([json.dumps({"input": "x", "output": "y"})], ":1: missing field 'instruction'"),
         ([json.dumps(GOOD), json.dumps(GOOD), "{'instruction': 'single quotes'}"], ":3: not valid JSON"),
         ([], "no examples (the file is empty)"),
     ],
-    ids=["no_output", "no_instruction", "not_json", "empty"],
+    ids=["no_output", "not_json", "empty"],
 )
 def test_bad_jsonl(lines, needle, tmp_path):
     inputs = tmp_path / "in"
@@ -140,3 +140,21 @@ def test_bad_jsonl(lines, needle, tmp_path):
     assert_one_line_error(proc, str(bad), needle)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out"), "half-written --destdir"
     assert sorted(os.listdir(inputs)) == ["train.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ({"input": "x", "output": "y"}, ":2: missing field 'instruction' (or a rendered 'prompt')"),
+        ({"instruction": "x", "output": []}, ":2: missing field 'output'"),
+        ({"instruction": "x", "input": 3, "output": "y"}, ":2: field 'input' must be a string"),
+        (["instruction", "output"], ":2: expected a JSON object, got list"),
+    ],
+)
+def test_bad_rows_in_process(row, needle, tmp_path):
+    """More malformed rows, checked without a subprocess (the reader distill-prepare uses)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DistillError) as e:
+        read_instruction_jsonl(str(path))
+    assert needle in str(e.value) and str(path) in str(e.value)

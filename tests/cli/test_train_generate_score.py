@@ -51,7 +51,9 @@ def test_generate_then_score(data_bin, teacher_ckpt, tmp_path):
     text = (out / "generate-test.txt").read_text()
     assert text.count("\nH-") + text.startswith("H-") == 16  # every test prompt, none dropped
     # S- is the prompt, H- only the response
-    assert "Repeat" in text.split("S-")[1].split("\n")[0] or "Reverse" in text.split("S-")[1].split("\n")[0]
+    first_source = text.split("S-")[1].split("\n")[0].split("\t", 1)[1]
+    decoded = first_source.replace(" ", "").replace("\u2581", " ")
+    assert "Repeat" in decoded or "Reverse" in decoded
     res = tmp_path / "score.json"
     proc = run([cli("distill-score"), data_bin, out / "generate-test.txt", "--json", res])
     result = json.load(open(res))

@@ -1,34 +1,47 @@
-"""distill-launch: the torchrun command it builds, and one-line errors for contradictory input."""
+"""distill-launch: the torchrun command it builds, and one-line errors for contradictory input.
+(In-process: the real CLI runs in test_data_parallel.py and test_teacher_precision.py.)"""
 import shlex
 
 import pytest
 
-from conftest import cli, run
+from distill_plugins.cli.launch import main
+from distill_plugins.errors import DistillError
 
 TRAIN = ["data-bin", "--user-dir", "distill_plugins", "--task", "instruction_distillation"]
 
 
-def launch(*args, check=True):
-    return run([cli("distill-launch"), *args], check=check)
+def dry_run(capsys, *args):
+    assert main([*args, "--dry-run", "--", *TRAIN, "--cpu"]) == 0
+    return shlex.split(capsys.readouterr().out)
 
 
-def test_dry_run_builds_one_worker_command_per_rank():
-    out = launch("--nproc-per-node", "2", "--master-port", "29555", "--dry-run", "--", *TRAIN, "--cpu").stdout
-    cmd = shlex.split(out)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and cmd[4] == "2"
-    assert "-m" in cmd[5:] and "distill_plugins.cli.distributed_worker" in cmd
+def value(cmd, flag):
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_dry_run_builds_the_worker_command(capsys):
+    cmd = dry_run(capsys, "--nproc-per-node", "2", "--master-port", "29555")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and value(cmd, "--nproc_per_node") == "2"
+    assert value(cmd, "--master_port") == "29555" and value(cmd, "--master_addr") == "127.0.0.1"
     tail = cmd[cmd.index("distill_plugins.cli.distributed_worker") + 1:]
     assert tail[:len(TRAIN)] == TRAIN
-    assert tail[tail.index("--distributed-backend") + 1] == "gloo"  # CPU
-    assert cmd[cmd.index("--master_port") + 1] == "29555" and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    assert value(tail, "--distributed-backend") == "gloo"  # CPU
 
 
-def test_multi_node_arguments_reach_torchrun():
-    out = launch("--nnodes", "3", "--node-rank", "2", "--master-addr", "10.0.0.1", "--nproc-per-node", "1",
-                 "--dry-run", "--", *TRAIN, "--cpu").stdout
-    cmd = shlex.split(out)
-    assert cmd[cmd.index("--nnodes") + 1] == "3" and cmd[cmd.index("--node_rank") + 1] == "2"
-    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1"
+def test_multi_node_arguments_reach_torchrun(capsys):
+    cmd = dry_run(capsys, "--nnodes", "3", "--node-rank", "2", "--master-addr", "10.0.0.1", "--nproc-per-node", "1")
+    assert value(cmd, "--nnodes") == "3" and value(cmd, "--node_rank") == "2"
+    assert value(cmd, "--master_addr") == "10.0.0.1"
+
+
+def test_worker_states_rank_world_size_and_device():
+    from distill_plugins.cli.distributed_worker import distributed_arguments
+
+    args = distributed_arguments({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert value(args, "--distributed-rank") == "3" and value(args, "--device-id") == "1"
+    assert value(args, "--distributed-world-size") == "4" and value(args, "--distributed-init-method") == "env://"
+    with pytest.raises(DistillError, match="RANK is not set"):
+        distributed_arguments({})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -40,7 +53,6 @@ def test_multi_node_arguments_reach_torchrun():
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--", *TRAIN], "--node-rank must be in [0, 1]"),
 ])
 def test_bad_input_is_one_line_error(args, message):
-    proc = launch(*args, check=False)
-    assert proc.returncode == 1
-    err = proc.stderr.strip()
-    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    with pytest.raises(DistillError) as e:
+        main(args)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -92,9 +92,10 @@ def model_config(family, tok, small=False, **kw):
     return c
 
 
-# GPT-2 and Qwen2 share one byte-level BPE (<|endoftext|> only: 3 absent fairseq rows), so the
-# KD test's teacher and student can share data; OPT has fairseq's own specials, LLaMA no pad.
-TOKENIZER_OF = {"gpt2": "gpt2", "opt": "opt", "llama": "llama", "qwen2": "gpt2"}
+# Each family has its own tokenizer: transformers 5 picks the tokenizer class from config.json's
+# model_type (Qwen2Tokenizer adds NFC and its own pre-tokenizer), so the same files next to
+# another family's config tokenize differently, and the fingerprint check rightly refuses them.
+TOKENIZER_OF = {"gpt2": "gpt2", "opt": "opt", "llama": "llama", "qwen2": "qwen2"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,9 +139,9 @@ def _prepared(style, cli):
 
     from distill_plugins.cli import prepare
 
-    family = {"gpt2": "gpt2", "opt": "opt", "llama": "llama"}[style]
+    family = style  # the family whose checkpoint directory holds this tokenizer
     files = jsonl_files()
-    dest = os.path.join(ROOT, f"data-{style}")
+    dest = os.path.join(ROOT, f"data-{style}{'-cli' if cli else ''}")
     argv = ["--train", files["train"], "--valid", files["valid"], "--test", files["test"], "--destdir", dest,
             "--tokenizer", "hf", "--hf-tokenizer", hf_dir(family), "--max-total-tokens", "96",
             "--max-prompt-tokens", "64", "--overwrite"]

@@ -131,3 +131,46 @@ def test_lora_trains_adapters_only_and_merges_exactly(family, extra, tmp_path):
     theirs = F.hf_logits_on(merged, model.hf_vocab, sample["net_input"]["src_tokens"])
     real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
     assert (F.in_hf_order(adapted, model.hf_vocab) - theirs)[real].abs().max().item() <= TOL
+
+
+def test_half_precision_keeps_rope_frequencies_fp32():
+    """fairseq casts the whole model for --bf16/--fp16 (and the teacher to --teacher-dtype); HF
+    computes RoPE in fp32, so its inverse frequencies must not be rounded to bf16."""
+    task, model, _ = build("llama")
+    model.eval()
+    sample = F.batch(task)
+    with torch.no_grad():
+        fp32 = model(**sample["net_input"])[0]
+        model.to(torch.bfloat16)
+        freqs = [b for n, b in model.named_buffers() if "inv_freq" in n]
+        assert freqs and all(b.dtype == torch.float32 for b in freqs)
+        bf16 = model(**sample["net_input"])[0]
+    real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    present = [f for f, h in enumerate(model.hf_vocab.fairseq_to_hf) if h >= 0]
+    assert (bf16.float() - fp32)[real][:, present].abs().max() < 0.25  # bf16 rounding only
+
+
+def test_export_kd_gpt2_student_trained_from_scratch(tmp_path):
+    """A native kd_gpt2_* student on HF-tokenized data exports as GPT-2 with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from distill_plugins.cli import export_hf
+    from distill_plugins.hf.vocab import HFVocab
+    from distill_plugins.data.tokenizers import load_tokenizer_meta
+
+    data = F.prepared("gpt2")
+    task, model, cfg = F.build(data, "--arch", "kd_gpt2_tiny", "--decoder-layers", "1", "--decoder-embed-dim", "32",
+                               "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2")
+    model.eval()
+    sample = F.batch(task)
+    with torch.no_grad():
+        ours = model(**sample["net_input"])[0]
+    ckpt = F.save_checkpoint(tmp_path / "checkpoint.pt", model, cfg, task)
+    export_hf.main([ckpt, str(tmp_path / "hf"), "--data", data])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    vocab = HFVocab.from_meta(load_tokenizer_meta(data))
+    theirs = F.hf_logits_on(reloaded, vocab, sample["net_input"]["src_tokens"])
+    real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
+    assert reloaded.config.model_type == "gpt2" and reloaded.config.n_layer == 1
+    assert (F.in_hf_order(ours, vocab) - theirs)[real].abs().max().item() <= TOL

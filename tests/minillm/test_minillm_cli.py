@@ -6,13 +6,15 @@ import os
 
 import pytest
 import torch
+from fairseq.data import Dictionary
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from conftest import train
 from distill_plugins.cli import prepare_lm
 from distill_plugins.errors import DistillError
 from distill_plugins.evaluation.reverse_kl import load_frozen, sampled_reverse_kl
 from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
-from distill_plugins.tasks.minillm import MiniLLMTask, MiniLLMTaskConfig
+from distill_plugins.tasks.minillm import MiniLLMTask, MiniLLMTaskConfig, unwrapped
 
 MINILLM = ["--task", "minillm", "--criterion", "minillm", "--lr", "1e-3", "--lr-scheduler", "fixed",
            "--batch-size", "8", "--num-rollouts", "16", "--rollout-batch-size", "8", "--ppo-epochs", "2",
@@ -59,6 +61,16 @@ def test_lm_data_formats_and_errors(data_bin, plain_lm_data, tmp_path):
         minillm_task(data_bin, lm_data=str(tmp_path / "other"))
     with pytest.raises(DistillError, match="--ppo-epochs"):
         minillm_task(data_bin, ppo_epochs=0)
+
+
+def test_rollouts_use_the_model_inside_nested_data_parallel_wrappers():
+    class Wrapper(torch.nn.Module):  # fairseq's ModuleProxyWrapper around torch's DDP, say
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = FairseqLanguageModel(FairseqIncrementalDecoder(Dictionary()))
+    assert unwrapped(Wrapper(Wrapper(model))) is model and unwrapped(model) is model
 
 
 def reverse_kl_on_valid(data_bin, student, teacher):
