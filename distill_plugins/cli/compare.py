@@ -8,6 +8,7 @@ bold), and draws grouped bars with the standard deviation as error bars (matplot
 """
 import argparse
 import io
+import json
 import logging
 from typing import Dict, List
 
@@ -21,6 +22,7 @@ def get_parser():
     p.add_argument("results", nargs="+", help="result JSON files of distill-evaluate / distill-score")
     p.add_argument("--names", nargs="+", help="one label per result file (default: the runs' own names)")
     p.add_argument("--md", help="write the markdown table here")
+    p.add_argument("--json", help="write the compared runs (names, Rouge-L per evaluation set) here")
     p.add_argument("--png", help="draw a bar chart here")
     p.add_argument("--title", default="Rouge-L (mean ± std over seeds)")
     return p
@@ -75,6 +77,8 @@ def main(argv=None):
     png = bar_chart_png(runs, args.title) if args.png else None  # everything computed before writing
     if args.md:
         write_text_atomic(args.md, table)
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"runs": runs}, indent=1) + "\n")
     if png is not None:
         write_atomic(args.png, lambda f: f.write(png), mode="wb")
     print(table, end="")

@@ -5,7 +5,7 @@
 #   3. student SFT       fairseq-train --arch kd_gpt2_tiny --criterion cross_entropy
 #   4. student KD        fairseq-train --arch kd_gpt2_tiny --criterion skew_kl --teacher-path <teacher>
 #   5. generate          fairseq-generate on the 100 held-out prompts (MiniLLM sampling protocol)
-#   6. score             Rouge-L per model -> results/dolly/results.{json,md}
+#   6. score             Rouge-L per model -> results/dolly/results.{json,md,png}
 # Outputs: data-bin/dolly, checkpoints/dolly/{teacher,student_sft,student_skew_kl}, results/dolly.
 # Environment knobs: SEEDS (generation seeds, default "10"), TEACHER_UPDATES, STUDENT_UPDATES.
 set -euo pipefail
@@ -63,8 +63,8 @@ step "6/6 Rouge-L"
 for model in teacher student_sft student_skew_kl; do
   distill-score "$DATA" "$OUT"/gen_"${model}"_seed*/generate-test.txt --name "$model" --json "$OUT/$model.json"
 done
-distill-compare "$OUT/teacher.json" "$OUT/student_sft.json" "$OUT/student_skew_kl.json" \
-  --json "$OUT/results.json" --md "$OUT/results.md"
 echo
-cat "$OUT/results.md"
+distill-compare "$OUT/teacher.json" "$OUT/student_sft.json" "$OUT/student_skew_kl.json" \
+  --names "teacher (SFT, 4x256)" "student SFT (2x128)" "student skew KL (2x128)" \
+  --json "$OUT/results.json" --md "$OUT/results.md" --png "$OUT/results.png"
 step "done: results in $OUT/results.json and $OUT/results.md"
