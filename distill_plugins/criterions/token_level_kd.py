@@ -185,38 +185,26 @@ class TokenLevelKDCriterion(FairseqCriterion):
         return self.cfg.kd_impl != "plain" and (own_kd_term or cls.chunk_teachers is not TokenLevelKDCriterion.chunk_teachers)
 
     def forward(self, model, sample, reduce=True):
-        if self.uses_memory_efficient_loss():
-            target = sample["target"]
-            mask = target.ne(self.padding_idx)
-            loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, target[mask])
-            ntokens = int(mask.sum())
-            logging_output = {
-                "loss": loss.data,
-                "nll_loss": ce.data,
-                "kd_loss": kd.data,
-                "ntokens": ntokens,
-                "nsentences": target.size(0),
-                "sample_size": ntokens,
-                **(self.part_logs(parts) if parts is not None else {}),
-            }
-            return loss, ntokens, logging_output
-        logits = model(**sample["net_input"])[0]
         target = sample["target"]
-        mask = target.ne(self.padding_idx)
-        student = logits[mask]  # [N, V]: only response tokens take part
+        mask = target.ne(self.padding_idx)  # only response tokens (and their EOS) take part
         labels = target[mask]
-        kd, kd_logs = self.kd_term(student, sample, mask)
-        ce = F.cross_entropy(student.float(), labels, reduction="sum")
-        loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
+        if self.uses_memory_efficient_loss():
+            loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, labels)
+            extra = self.part_logs(parts) if parts is not None else {}
+        else:
+            student = model(**sample["net_input"])[0][mask]  # [N, V]
+            kd, extra = self.kd_term(student, sample, mask)
+            ce = F.cross_entropy(student.float(), labels, reduction="sum")
+            loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         ntokens = int(mask.sum())
         logging_output = {
             "loss": loss.data,
             "nll_loss": ce.data,
             "kd_loss": kd.data,
             "ntokens": ntokens,
-            "nsentences": sample["target"].size(0),
+            "nsentences": target.size(0),
             "sample_size": ntokens,
-            **kd_logs,
+            **extra,
         }
         return loss, ntokens, logging_output
 

@@ -33,20 +33,20 @@ distill-prepare --train examples/dolly/data/train.jsonl --valid examples/dolly/d
 TRAIN=(fairseq-train "$DATA" --user-dir distill_plugins --task instruction_distillation --cpu
   --optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 30
   --clip-norm 1.0 --max-tokens 4096 --log-format simple --log-interval 25 --no-epoch-checkpoints
-  --validate-interval-updates 50 --seed 1 --num-workers 0)
+  --seed 1 --num-workers 0)
 
 step "2/6 teacher: kd_gpt2_mini (4 x 256), supervised fine-tuning, $TEACHER_UPDATES updates"
 "${TRAIN[@]}" --arch kd_gpt2_mini --criterion cross_entropy --max-update "$TEACHER_UPDATES" \
-  --save-dir "$CK/teacher" 2>&1 | grep -E "train_inner|valid on|done training"
+  --save-dir "$CK/teacher" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training"
 
 step "3/6 student: kd_gpt2_tiny (2 x 128), supervised fine-tuning, $STUDENT_UPDATES updates"
 "${TRAIN[@]}" --arch kd_gpt2_tiny --criterion cross_entropy --max-update "$STUDENT_UPDATES" \
-  --save-dir "$CK/student_sft" 2>&1 | grep -E "train_inner|valid on|done training"
+  --save-dir "$CK/student_sft" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training"
 
 step "4/6 student: kd_gpt2_tiny distilled from the teacher with skew KL (alpha 0.1), $STUDENT_UPDATES updates"
 "${TRAIN[@]}" --arch kd_gpt2_tiny --criterion skew_kl --skew-alpha 0.1 --kd-ratio 0.5 \
   --teacher-path "$CK/teacher/checkpoint_best.pt" --max-update "$STUDENT_UPDATES" \
-  --save-dir "$CK/student_skew_kl" 2>&1 | grep -E "train_inner|valid on|done training|teacher"
+  --save-dir "$CK/student_skew_kl" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training|distill_plugins.teacher"
 
 step "5/6 generate responses for the 100 held-out prompts (sampling, top-k 0, top-p 1, T 1, no-repeat 6, total 512; seeds $SEEDS)"
 for model in teacher student_sft student_skew_kl; do
@@ -55,7 +55,7 @@ for model in teacher student_sft student_skew_kl; do
       --path "$CK/$model/checkpoint_best.pt" --gen-subset test --cpu --batch-size 100 \
       --sampling --beam 1 --sampling-topk -1 --sampling-topp -1 --temperature 1.0 \
       --no-repeat-ngram-size 6 --max-len-b 511 --seed "$seed" \
-      --results-path "$OUT/gen_${model}_seed${seed}" 2>&1 | grep -E "Translated" || true
+      --results-path "$OUT/gen_${model}_seed${seed}" 2>&1 | grep --line-buffered -E "Translated" || true
   done
 done
 
