@@ -37,7 +37,7 @@ def bar_chart_png(runs: List[Dict], title: str) -> bytes:
 
     sets = eval_set_names(runs)
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.55 * len(sets) * len(runs) + 0.4 * len(sets)), 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.55 * len(sets) * len(runs) + 0.4 * len(sets)), 3.8), dpi=120)
     for k, run in enumerate(runs):
         by_set = {f["name"]: f for f in run["files"]}
         xs = [i - 0.4 + width * (k + 0.5) for i, s in enumerate(sets) if s in by_set]
@@ -52,11 +52,11 @@ def bar_chart_png(runs: List[Dict], title: str) -> bytes:
     ax.set_title(title, fontsize=10)
     top = max(f["rouge_l"] + f.get("rouge_l_std", 0.0) for r in runs for f in r["files"])
     ax.set_ylim(0, max(1.0, top * 1.18))
-    ax.legend(fontsize=8, ncols=min(len(runs), 4), loc="upper left", frameon=False)
+    ax.legend(fontsize=8, ncols=min(len(runs), 3), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
