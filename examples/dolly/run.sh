@@ -18,8 +18,8 @@ DATA=data-bin/dolly
 CK=checkpoints/dolly
 OUT=results/dolly
 SEEDS=${SEEDS:-10}
-TEACHER_UPDATES=${TEACHER_UPDATES:-150}
-STUDENT_UPDATES=${STUDENT_UPDATES:-150}
+TEACHER_UPDATES=${TEACHER_UPDATES:-100}
+STUDENT_UPDATES=${STUDENT_UPDATES:-100}
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
