@@ -20,6 +20,10 @@ Two forms:
   student's logits never exist beyond one chunk; gradients for ``hidden`` and ``weight`` are
   accumulated in float32 (``weight`` is the tied embedding table of our GPT-2 family).
 
+Columns of the vocabulary whose logit is a constant whatever the hidden state (``FixedColumns``:
+rows no token maps to, after a Hugging Face vocabulary import) are set after the projection on
+either side, and get no gradient, exactly as the models' own output layers do.
+
 The teacher side is either its logits [N, V] or ``ProjectedLogits(hidden, weight)``, whose rows are
 produced per chunk in the teacher's dtype; a list of either gives the divergence one teacher-logit
 chunk per teacher (multi-teacher losses); with ``part_weights`` (w_1..w_K) the divergence returns
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "FixedColumns",
     "ProjectedLogits",
     "KDLoss",
     "plain_kd_loss",
@@ -51,14 +56,27 @@ Divergence = Callable[..., Tensor]  # (student [n, V], teacher [n, V] or list of
 LossAndGrad = Callable[..., Tuple[Tensor, Tensor, Optional[Tensor]]]  # see forward_kl_loss_and_grad
 
 
+class FixedColumns(NamedTuple):
+    """Vocabulary columns ``index`` whose logit is ``value`` whatever the hidden state."""
+
+    index: Tensor
+    value: float
+
+    def apply_(self, logits: Tensor) -> Tensor:
+        return logits.index_fill_(-1, self.index.to(logits.device), self.value)
+
+
 class ProjectedLogits(NamedTuple):
-    """Logits ``hidden @ weight.T`` ([N, d] x [V, d]) made chunk by chunk, without gradient."""
+    """Logits ``hidden @ weight.T`` ([N, d] x [V, d]) made chunk by chunk, without gradient
+    (then ``fixed`` columns set)."""
 
     hidden: Tensor
     weight: Tensor
+    fixed: Optional[FixedColumns] = None
 
     def rows(self, start: int, end: int) -> Tensor:
-        return self.hidden[start:end] @ self.weight.t()
+        logits = self.hidden[start:end] @ self.weight.t()
+        return self.fixed.apply_(logits) if self.fixed is not None else logits
 
     def size(self, dim: int) -> int:
         return self.hidden.size(0) if dim == 0 else self.weight.size(0)
@@ -224,6 +242,7 @@ class _Spec:
     need_grad: bool
     loss_and_grad: Optional[LossAndGrad]
     part_weights: Optional[Sequence[float]] = None
+    fixed_columns: Optional[FixedColumns] = None  # of the student's fused projection
 
 
 def _chunk_loss(s: Tensor, spec: _Spec, start: int, end: int):
@@ -304,6 +323,8 @@ class _FusedKD(torch.autograd.Function):
         for start, end in _chunks(n, spec.chunk_size):
             h = hidden[start:end]
             logits = h @ weight.t()  # in the compute dtype, as the model's output layer would
+            if spec.fixed_columns is not None:
+                spec.fixed_columns.apply_(logits)
             c, k, g, p = _chunk_loss(logits.float(), spec, start, end)
             del logits
             ce += c
@@ -312,6 +333,8 @@ class _FusedKD(torch.autograd.Function):
                 parts += p
             if g is not None:
                 g = g.to(mm_dtype)
+                if spec.fixed_columns is not None:  # constant logits: no gradient
+                    g.index_fill_(1, spec.fixed_columns.index.to(g.device), 0.0)
                 grad_hidden[start:end] = g @ w_mm
                 grad_weight += g.t() @ h.to(mm_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -362,8 +385,10 @@ def fused_kd_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     loss_and_grad: Optional[LossAndGrad] = None,
     part_weights: Optional[Sequence[float]] = None,
+    fixed_columns: Optional[FixedColumns] = None,
 ) -> KDLoss:
-    """``plain_kd_loss`` on student logits ``hidden @ weight.T`` that never exist beyond a chunk.
+    """``plain_kd_loss`` on student logits ``hidden @ weight.T`` (then ``fixed_columns`` set) that
+    never exist beyond a chunk.
 
     Under autocast the projection runs in the autocast dtype (as the model's output layer would);
     the gradients flow back through that cast to ``hidden`` and ``weight``.
@@ -376,7 +401,8 @@ def fused_kd_loss(
     elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, loss_and_grad, part_weights)
+    spec = _Spec(labels, teacher, divergence, kd_ratio, chunk_size, need_grad, loss_and_grad, part_weights,
+                 fixed_columns)
     with torch.autocast(device_type, enabled=False):
         if not need_grad:
             return _result(_FusedKD.forward(_Ctx(), hidden, weight, spec), spec)

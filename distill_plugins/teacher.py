@@ -117,19 +117,20 @@ class Teacher:
         return self._forward(net_input)
 
     @torch.no_grad()
-    def features(self, net_input: dict):
-        """(hidden [B, T, d], output projection weight [V, d]) with logits = hidden @ weight.T, on
-        the student's device, for losses that make the teacher's logits a chunk at a time
-        (``chunked_divergences.ProjectedLogits``); None if the model has no such projection."""
+    def projected_logits(self, net_input: dict, mask: torch.Tensor):
+        """The teacher's logits at ``mask`` as ``chunked_divergences.ProjectedLogits`` (hidden
+        states and output weight, on the student's device), for losses that make them a chunk at a
+        time; None if its logits are more than that (``output_projection.fusable_output``)."""
+        from .chunked_divergences import ProjectedLogits
+        from .output_projection import fusable_output
+
         if self.sharded:  # outside its forward the projection weight is only this worker's shard
             return None
-        decoder = getattr(self.model, "decoder", None)
-        proj = getattr(decoder, "output_projection", None)
-        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear) \
-                or proj.bias is not None:
+        out = fusable_output(self.model)
+        if out is None:
             return None
-        hidden = self._forward(net_input, features_only=True)
-        return hidden, proj.weight.to(hidden.device)
+        hidden = self._forward(net_input, features_only=True)[mask]
+        return ProjectedLogits(hidden, out.weight.to(hidden.device), out.fixed)
 
     def _forward(self, net_input: dict, **kwargs) -> torch.Tensor:
         src = net_input["src_tokens"]

@@ -94,3 +94,16 @@ def teacher_ckpt(data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("teacher")
     train(data_bin, save, "--criterion", "cross_entropy", "--decoder-embed-dim", "48", max_update=30)
     return str(save / "checkpoint_best.pt")
+
+
+@pytest.fixture(scope="session")
+def plain_lm_data(data_bin, tiny_jsonl, tmp_path_factory):
+    """A pre-training corpus for --lm-data: the training rows as plain text, binarized by prepare_lm."""
+    from distill_plugins.cli import prepare_lm
+
+    d = tmp_path_factory.mktemp("lm")
+    corpus = d / "corpus.txt"
+    rows = [json.loads(line) for line in open(tiny_jsonl["train"])]
+    corpus.write_text("\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in rows) + "\n\n")
+    prepare_lm.main(["--data", data_bin, "--train", str(corpus), "--destdir", str(d / "bin")])
+    return str(d / "bin")

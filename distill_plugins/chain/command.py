@@ -17,10 +17,18 @@ USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # distil
 DEFAULT_TASK = "instruction_distillation"
 
 
+def executable(name: str) -> str:
+    """A console script next to this Python (the package's environment), else the one on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.isfile(local) else (shutil.which(name) or name)
+
+
 def fairseq_train_executable() -> str:
-    """fairseq-train next to this Python (the package's environment), else the one on PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
-    return local if os.path.isfile(local) else (shutil.which("fairseq-train") or "fairseq-train")
+    return executable("fairseq-train")
+
+
+def evaluate_executable() -> str:
+    return executable("distill-evaluate")
 
 
 def option_argv(args: Dict[str, Any]) -> List[str]:

@@ -10,13 +10,22 @@ stages:
   - {name: student, arch: kd_gpt2_tiny, teacher: assistant, args: {criterion: kd}}
 ```
 
-A stage gives ``arch`` and/or ``init`` (a checkpoint passed as ``--finetune-from-model``; without
+A stage is trained, or ``pretrained`` (a checkpoint trained elsewhere, e.g. a teacher from
+``distill-prepare`` + fairseq-train or an imported HF model: it is never trained, only hashed, and
+its students retrain when the file changes). A trained stage gives ``arch`` and/or ``init`` (a checkpoint passed as ``--finetune-from-model``; without
 ``arch``, the checkpoint's architecture and decoder shape are used), ``teacher`` (a stage name, or a
 list of names for multi-teacher criterions; absent for the first, supervised stage), ``args`` (its
 fairseq-train options, overriding ``defaults``) and ``checkpoint`` (``best``, the default, or
 ``last``: which checkpoint the stages it teaches use). Option values: a scalar, ``true`` for a bare
 flag, ``false``/``null`` to leave it out, or a list (passed comma-separated, as fairseq expects).
+
+``evaluate:`` (optional; ``true`` or a mapping of distill-evaluate options such as ``seeds: [10, 20]``)
+scores every stage's selected checkpoint with distill-evaluate (Rouge-L on the data's test.jsonl by
+the MiniLLM protocol) and records it in the manifest; a score is reused while the checkpoint's
+sha256 and the options are unchanged.
 """
+import contextlib
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,8 +36,10 @@ import yaml
 from ..errors import DistillError, check
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages")
-STAGE_KEYS = ("name", "arch", "init", "teacher", "args", "checkpoint")
+TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages", "evaluate")
+STAGE_KEYS = ("name", "arch", "init", "teacher", "args", "checkpoint", "pretrained")
+# set by the chain itself when it runs distill-evaluate
+MANAGED_EVAL_OPTIONS = ("data", "json", "md", "name", "responses", "no-progress")
 # set by the chain itself: the stage's directory, teachers and initial checkpoint
 MANAGED_OPTIONS = {
     "save-dir": "the chain puts each stage in <output_dir>/<stage>",
@@ -50,6 +61,7 @@ class StageSpec:
     teachers: List[str] = field(default_factory=list)
     init: Optional[str] = None  # absolute path
     checkpoint: str = "best"
+    pretrained: Optional[str] = None  # absolute path of an externally trained checkpoint: never trained
 
     @property
     def criterion(self) -> str:
@@ -63,6 +75,7 @@ class ChainConfig:
     data: str  # absolute
     output_dir: str  # absolute: holds manifest.json and one directory per stage
     stages: List[StageSpec]  # in training order: every teacher before its students
+    evaluate: Optional[Dict[str, Any]] = None  # distill-evaluate options; None: no evaluation
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
@@ -71,6 +84,8 @@ class ChainConfig:
         return os.path.join(self.output_dir, stage.name)
 
     def checkpoint_path(self, stage: StageSpec) -> str:
+        if stage.pretrained:
+            return stage.pretrained
         return os.path.join(self.save_dir(stage), f"checkpoint_{stage.checkpoint}.pt")
 
 
@@ -202,6 +217,9 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
         seen.add(sname)
         unknown = sorted(set(rs) - set(STAGE_KEYS))
         check(not unknown, f"{where} has unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(STAGE_KEYS)}")
+        if rs.get("pretrained") is not None:
+            stages.append(_pretrained_stage(rs, sname, base))
+            continue
         args = dict(defaults)
         args.update(normalize_options(rs.get("args"), f"{where} args"))
         init = None
@@ -230,9 +248,59 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
     out = os.path.abspath(output_dir) if output_dir else (
         _resolve(base, raw["output_dir"]) if raw.get("output_dir") else os.path.abspath(os.path.join("checkpoints", name))
     )
-    chain = ChainConfig(name, os.path.abspath(path), data, out, training_order(stages))
+    chain = ChainConfig(name, os.path.abspath(path), data, out, training_order(stages),
+                        _evaluate_options(raw.get("evaluate")))
     check_criteria(chain)
     return chain
+
+
+def _pretrained_stage(rs: dict, name: str, base: str) -> StageSpec:
+    """A stage holding a checkpoint trained outside the chain: only ``name`` and ``pretrained``."""
+    where = f"stage {name!r}"
+    extra = sorted(k for k in rs if k not in ("name", "pretrained"))
+    check(not extra, f"{where} is pretrained: it is not trained, so it takes no {', '.join(extra)}; "
+                     "remove them or drop pretrained: to train the stage")
+    path = _resolve(base, rs["pretrained"])
+    check(os.path.isfile(path), f"{where}: pretrained checkpoint {path} does not exist")
+    return StageSpec(name, arch_of_checkpoint(path)["arch"], {}, pretrained=path)
+
+
+def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
+    """``evaluate:`` -> distill-evaluate options (checked by its own parser), or None when off."""
+    if raw is None or raw is False:
+        return None
+    options = {} if raw is True else raw
+    check(isinstance(options, dict), "evaluate: must be true or a mapping of distill-evaluate options, e.g. {seeds: [10]}")
+    out = {}
+    for key, value in options.items():
+        name = option_name(key)
+        check(name not in MANAGED_EVAL_OPTIONS, f"evaluate: sets --{name}, which the chain sets itself")
+        out[name] = value
+    from ..cli.evaluate import get_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            get_parser().parse_args(["checkpoint.pt", "--data", "data"] + evaluate_argv(out))
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
+        raise DistillError("evaluate: distill-evaluate rejects the options: "
+                           + (lines[-1].split("error: ", 1)[-1] if lines else "invalid options")) from None
+    return out
+
+
+def evaluate_argv(options: Dict[str, Any]) -> List[str]:
+    """distill-evaluate options -> argv (lists are space-separated: --seeds 10 20)."""
+    argv = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{name}")
+        if isinstance(value, list):
+            argv += [str(v) for v in value]
+        elif value is not True:
+            argv.append(str(value))
+    return argv
 
 
 def check_criteria(chain: ChainConfig):
@@ -245,6 +313,8 @@ def check_criteria(chain: ChainConfig):
     from ..criterions.token_level_kd import TokenLevelKDCriterion
 
     for s in chain.stages:
+        if s.pretrained:
+            continue
         crit = s.criterion
         if crit not in CRITERION_REGISTRY:
             ours = sorted(k for k, v in CRITERION_REGISTRY.items() if v.__module__.startswith("distill_plugins"))

@@ -4,6 +4,8 @@
   sha256 (a file merely existing is not enough).
 * ``resume``: recorded as started (interrupted, killed or failed) with the same fingerprint: rerun
   the same command, and fairseq continues from ``checkpoint_last.pt`` in the stage's directory.
+* ``pretrained``: a checkpoint trained outside the chain; hashed, never trained. When its sha256
+  differs from the one its students were trained with, they retrain (their fingerprint changes).
 * ``train`` / ``retrain``: new, or invalidated: settings, teacher checkpoint, initial checkpoint or
   data changed, the checkpoint is missing or was replaced outside the chain, or a teacher of the
   stage is itself (re)trained. A retrained stage's old directory is moved to ``<stage>.stale``.
@@ -24,7 +26,7 @@ from .manifest import Manifest
 @dataclass
 class StagePlan:
     stage: StageSpec
-    action: str  # skip | resume | train | retrain
+    action: str  # skip | resume | train | retrain | pretrained
     reasons: List[str] = field(default_factory=list)
     sha256: Optional[str] = None  # skip: the verified sha256 of the selected checkpoint
     parameters: Optional[int] = None
@@ -41,6 +43,19 @@ def checkpoint_updates(path: str) -> Optional[int]:
         return int(state["optimizer_history"][-1]["num_updates"])
     except Exception:
         return None
+
+
+def checkpoint_parameters(path: str) -> int:
+    """Parameters of the model stored in a fairseq checkpoint (read memory-mapped)."""
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    seen, total = set(), 0
+    for t in state["model"].values():
+        if torch.is_tensor(t) and t.is_floating_point():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))  # tied weights once
+            if key not in seen:
+                seen.add(key)
+                total += t.numel()
+    return total
 
 
 def _changes(rec: dict, settings: dict, teacher_sha: List[str], init_sha: Optional[str], data_sha: str) -> List[str]:
@@ -69,7 +84,13 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
     for stage in chain.stages:
         rec = manifest.stages.get(stage.name)
         save_dir, ckpt = chain.save_dir(stage), chain.checkpoint_path(stage)
-        retrained = [t for t in stage.teachers if plans[t].action != "skip"]
+        if stage.pretrained:
+            sha = sha256_file(ckpt)
+            recorded = ((rec or {}).get("checkpoint") or {}).get("sha256")
+            note = "" if recorded in (None, sha) else f"; changed since the last run (sha256 {short(recorded)} -> {short(sha)})"
+            plans[stage.name] = StagePlan(stage, "pretrained", [f"{ckpt} (sha256 {short(sha)}){note}"], sha)
+            continue
+        retrained = [t for t in stage.teachers if plans[t].action not in ("skip", "pretrained")]
         if retrained:
             action = "retrain" if (rec or _has_files(save_dir)) else "train"
             who = "its teacher" + ("s " if len(retrained) > 1 else " ") + ", ".join(map(repr, retrained))
@@ -112,6 +133,9 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
 
     # sizes: build every stage's model on the meta device from its real command line
     for stage in chain.stages:
+        if stage.pretrained:
+            plans[stage.name].parameters = checkpoint_parameters(stage.pretrained)
+            continue
         argv = stage_argv(chain, stage, [chain.checkpoint_path(chain.stage(t)) for t in stage.teachers])
         plans[stage.name].parameters = count_parameters(stage.name, argv)
     for stage in chain.stages:

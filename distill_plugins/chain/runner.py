@@ -6,6 +6,7 @@ goes to ``<stage>/train.log`` (appended on resume). One chain runs at a time per
 (``.lock``). The child fairseq-train gets SIGTERM if this process dies.
 """
 import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -19,8 +20,8 @@ import torch
 
 from ..errors import DistillError
 from ..teacher import sha256_file
-from .command import fairseq_train_executable, fingerprint, stage_argv, stage_settings
-from .config import ChainConfig, StageSpec
+from .command import evaluate_executable, fairseq_train_executable, fingerprint, stage_argv, stage_settings
+from .config import ChainConfig, StageSpec, evaluate_argv
 from .manifest import Manifest, sha256_dir
 from .plan import StagePlan, checkpoint_updates, make_plan, short
 
@@ -100,10 +101,16 @@ class ChainRunner:
             self._invalidate(plans)
             for i, p in enumerate(plans, 1):
                 tag = f"[{i}/{len(plans)}] {p.stage.name}"
-                if p.action == "skip":
+                if p.action == "pretrained":
+                    self._record_pretrained(p, tag)
+                elif p.action == "skip":
                     self.say(f"{tag}: skipped ({p.reasons[0]})")
-                    continue
-                self._run_stage(p, tag)
+                else:
+                    self._run_stage(p, tag)
+                if self.chain.evaluate is not None:
+                    self._evaluate(p.stage, tag)
+            if self.chain.evaluate is not None:
+                self._print_scores(plans)
             last = plans[-1].stage
             self.say(f"chain {self.chain.name!r} done; final checkpoint {self.chain.checkpoint_path(last)}")
             self.say(f"manifest: {self.manifest.path}")
@@ -125,6 +132,15 @@ class ChainRunner:
             self.manifest.save()
 
     # -- one stage -------------------------------------------------------------------------------
+    def _record_pretrained(self, p: StagePlan, tag: str):
+        rec = self.manifest.stages.setdefault(p.stage.name, {})
+        if (rec.get("checkpoint") or {}).get("sha256") != p.sha256:
+            rec.pop("evaluation", None)
+        rec.update({"status": "pretrained", "checkpoint": {"path": p.stage.pretrained, "sha256": p.sha256},
+                    "parameters": p.parameters})
+        self.manifest.save()
+        self.say(f"{tag}: pretrained checkpoint {p.stage.pretrained} (sha256 {short(p.sha256)})")
+
     def _run_stage(self, p: StagePlan, tag: str):
         chain, stage, man = self.chain, p.stage, self.manifest
         save_dir = chain.save_dir(stage)
@@ -238,6 +254,44 @@ class ChainRunner:
             self.say(f"  {name}: update {f.get('num_updates', '?')} | train loss {loss}")
         elif "Loaded checkpoint" in line or "loading pretrained model from" in line:
             self.say(f"  {name}: {line.split(' | ')[-1]}")
+
+    # -- evaluation (optional) ------------------------------------------------------------------------
+    def _evaluate(self, stage: StageSpec, tag: str):
+        """Rouge-L of the stage's selected checkpoint by distill-evaluate; reused while the checkpoint's
+        sha256 and the evaluation options are unchanged."""
+        rec = self.manifest.stages[stage.name]
+        key = {"checkpoint_sha256": rec["checkpoint"]["sha256"], "options": self.chain.evaluate}
+        if (rec.get("evaluation") or {}).get("key") == key:
+            return
+        save_dir = self.chain.save_dir(stage)
+        os.makedirs(save_dir, exist_ok=True)
+        out = os.path.join(save_dir, "evaluation.json")
+        cmd = [evaluate_executable(), self.chain.checkpoint_path(stage), "--data", self.chain.data, "--json", out,
+               "--name", stage.name, "--no-progress"] + evaluate_argv(self.chain.evaluate)
+        self.say(f"{tag}: evaluating {os.path.basename(self.chain.checkpoint_path(stage))} (distill-evaluate)")
+        t0 = time.time()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        if proc.returncode != 0:
+            tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            raise DistillError(f"stage {stage.name!r}: distill-evaluate failed ({tail[0].strip()}); "
+                               f"command: {shlex.join(cmd)}")
+        with open(out) as f:
+            files = json.load(f)["runs"][0]["files"]
+        rec["evaluation"] = {
+            "key": key, "path": self.manifest.relative(out), "seconds": round(time.time() - t0, 2),
+            "sets": {f["name"]: {k: f.get(k) for k in ("rouge_l", "rouge_l_std", "examples", "seeds")} for f in files},
+        }
+        self.manifest.save()
+        self.say(f"{tag}: Rouge-L " + ", ".join(f"{n} {v['rouge_l']:.2f}" for n, v in rec["evaluation"]["sets"].items()))
+
+    def _print_scores(self, plans: List[StagePlan]):
+        width = max(len(p.stage.name) for p in plans)
+        self.say("Rouge-L per stage (manifest.json has the details):")
+        for p in plans:
+            ev = self.manifest.stages[p.stage.name].get("evaluation") or {}
+            scores = ", ".join(f"{n} {v['rouge_l']:.2f} ± {v.get('rouge_l_std') or 0:.2f}" for n, v in ev.get("sets", {}).items())
+            self.say(f"  {p.stage.name:<{width}}  {p.parameters:>12,} parameters  {scores}")
 
     @staticmethod
     def _metrics(log_path: str, ckpt: str) -> dict:

@@ -53,6 +53,8 @@ class MiniLLMConfig(FairseqDataclass):
 
 @register_criterion("minillm", dataclass=MiniLLMConfig)
 class MiniLLMCriterion(FairseqCriterion):
+    trains_on_lm_batch = True  # L_pt on the task's --lm-data batches
+
     def __init__(self, task, cfg: MiniLLMConfig):
         super().__init__(task)
         self.cfg = cfg

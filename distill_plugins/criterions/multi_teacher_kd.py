@@ -18,7 +18,6 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 
-from ..chunked_divergences import ProjectedLogits
 from ..divergences import DIVERGENCES
 from ..errors import DistillError, check
 from .token_level_kd import TokenLevelKDConfig, TokenLevelKDCriterion
@@ -115,9 +114,8 @@ class MultiTeacherKDCriterion(TokenLevelKDCriterion):
     def chunk_teachers(self, sample, mask):
         sources = []
         for teacher in self.task.teachers:
-            features = teacher.features(sample["net_input"]) if self.cfg.kd_impl == "fused" else None
-            sources.append(ProjectedLogits(features[0][mask], features[1]) if features is not None
-                           else teacher.logits(sample["net_input"])[mask])
+            projected = teacher.projected_logits(sample["net_input"], mask) if self.cfg.kd_impl == "fused" else None
+            sources.append(projected if projected is not None else teacher.logits(sample["net_input"])[mask])
         return sources
 
     def chunk_divergence(self):

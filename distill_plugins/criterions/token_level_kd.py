@@ -10,6 +10,16 @@ D is one of ``distill_plugins.divergences``, always in float32. Logged ``loss``,
 CE term) and ``kd_loss`` are per-token and in base 2, like fairseq's own criterions.
 Subclasses only say which divergence they use and with which extra options.
 
+With ``--lm-data`` (the task adds a pre-training batch ``sample["lm"]`` to every training batch)
+DistiLLM's extra LM term is added (Ko et al. 2024, spec section 3; ``--lm-coef``, default 1):
+
+    loss = (1 - kd_ratio) * CE + kd_ratio * D + lm_coef * N * LM / N_lm
+
+where LM is the summed CE of the student on the LM batch's N_lm labels and N the batch's response
+tokens: after fairseq divides by ``sample_size`` = N the term is lm_coef times the per-token LM CE,
+as DistiLLM adds the two means per micro-batch. ``lm_loss`` (per LM token, base 2) is logged. The
+LM batch goes through the student's full output layer on every ``--kd-impl`` path.
+
 ``--kd-impl`` picks how the sum is computed (same value and gradients, tests/test_chunked_divergences.py):
 ``plain`` materialises float32 [tokens, vocab] tensors for both models; ``chunked``
 (``chunked_divergences.chunked_kd_loss``) takes ``--kd-chunk-size`` tokens at a time, so only the
@@ -17,7 +27,8 @@ student's logits and their gradient are full-size; ``fused`` also fuses the outp
 the student (and the teacher, when it has one), so neither model's logits exist beyond a chunk.
 Default ``fused``: in ``benchmarks/kd_step.py`` (CPU, 2,048 tokens x 8k vocab) fused and chunked
 steps took 0.8x the CPU time of plain, and fused the least memory (0.24x plain's peak); a student
-without a plain output projection falls back to chunked.
+whose logits are more than ``hidden @ weight.T`` (``output_projection.fusable_output``) falls back
+to chunked.
 A subclass that overrides ``kd_term`` (and not ``chunk_teachers``) always takes the plain path.
 On a CUDA device the chunks of forward KL, reverse KL, skew (reverse) KL, JS and TVD go through one
 Triton kernel (``triton_kd.py``: 2-3 passes over the vocabulary, within 3x of the bytes floor for
@@ -35,8 +46,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .. import triton_kd
-from ..chunked_divergences import DEFAULT_CHUNK_SIZE, ProjectedLogits, chunked_kd_loss, fused_kd_loss
+from ..chunked_divergences import DEFAULT_CHUNK_SIZE, chunked_kd_loss, fused_kd_loss
 from ..errors import DistillError, check
+from ..output_projection import fusable_output, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +82,10 @@ class TokenLevelKDConfig(FairseqDataclass):
     kd_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk for --kd-impl chunked/fused"}
     )
+    lm_coef: float = field(
+        default=1.0, metadata={"help": "weight of the extra LM term on the task's --lm-data batches (DistiLLM: 1); "
+                                       "unused without --lm-data"}
+    )
 
 
 def check_unit_interval(name: str, value: float):
@@ -81,6 +97,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
     options named in ``unit_interval_options`` are checked to lie in [0, 1]."""
 
     unit_interval_options = ()
+    trains_on_lm_batch = True  # the task may pass --lm-data batches (sample["lm"])
 
     def __init__(self, task, cfg: TokenLevelKDConfig):
         super().__init__(task)
@@ -89,6 +106,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
             check_unit_interval(name.replace("_", "-"), getattr(cfg, name))
         check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
         check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
+        check(cfg.lm_coef >= 0, f"--lm-coef must be >= 0, got {cfg.lm_coef}")
         if getattr(task, "teacher", None) is None:
             raise DistillError(
                 f"criterion {self.__class__.__name__} needs a teacher: pass --teacher-path "
@@ -118,9 +136,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
         teacher's logits at ``mask``; for fused made chunk by chunk from its hidden states when it has
         a plain output projection (``ProjectedLogits``). A list gives ``divergence`` a list of chunks."""
         if self.cfg.kd_impl == "fused" and type(self).teacher_logits is TokenLevelKDCriterion.teacher_logits:
-            features = self.task.teacher.features(sample["net_input"])
-            if features is not None:
-                return ProjectedLogits(features[0][mask], features[1])
+            projected = self.task.teacher.projected_logits(sample["net_input"], mask)
+            if projected is not None:
+                return projected
         return self.teacher_logits(sample)[mask]
 
     def chunk_divergence(self):
@@ -155,29 +173,23 @@ class TokenLevelKDCriterion(FairseqCriterion):
         kwargs = dict(divergence=divergence, kd_ratio=self.kd_ratio, chunk_size=self.cfg.kd_chunk_size,
                       loss_and_grad=loss_and_grad, part_weights=part_weights)
         net_input = sample["net_input"]
-        proj = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
-        if proj is None:
+        out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
+        if out is None:
             student = model(**net_input)[0][mask]
             return chunked_kd_loss(student, labels, self.chunk_teachers(sample, mask), **kwargs)
         hidden = model(**net_input, features_only=True)[0][mask]
-        return fused_kd_loss(hidden, proj.weight, labels, self.chunk_teachers(sample, mask), **kwargs)
+        return fused_kd_loss(hidden, out.weight, labels, self.chunk_teachers(sample, mask),
+                             fixed_columns=out.fixed, **kwargs)
 
     def fusable_output_projection(self, model):
-        """The student's bias-free output ``nn.Linear`` for --kd-impl fused, or None (adaptive
-        softmax, models of other shapes): then the chunked form is used, with a notice."""
-        base = model  # under DDP: ModuleProxyWrapper(DistributedDataParallel(model)), two levels
-        while isinstance(getattr(base, "module", None), torch.nn.Module):
-            base = base.module
-        decoder = getattr(base, "decoder", None)
-        proj = getattr(decoder, "output_projection", None)
-        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear) \
-                or proj.bias is not None:
-            if not getattr(self, "_told_unfusable", False):
-                logger.info(f"--kd-impl fused: {type(base).__name__} has no bias-free output projection "
-                            "to fuse; using --kd-impl chunked")
-                self._told_unfusable = True
-            return None
-        return proj
+        """The student's ``output_projection.FusedOutput`` for --kd-impl fused, or None (adaptive
+        softmax, a bias, logits beyond ``hidden @ weight.T``): then chunked, with a notice."""
+        out = fusable_output(model)
+        if out is None and not getattr(self, "_told_unfusable", False):
+            logger.info(f"--kd-impl fused: the logits of {type(unwrap(model)).__name__} are more than "
+                        "hidden @ weight.T; using --kd-impl chunked")
+            self._told_unfusable = True
+        return out
 
     def uses_memory_efficient_loss(self) -> bool:
         cls = type(self)
@@ -197,6 +209,12 @@ class TokenLevelKDCriterion(FairseqCriterion):
             ce = F.cross_entropy(student.float(), labels, reduction="sum")
             loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         ntokens = int(mask.sum())
+        lm = sample.get("lm")
+        if lm is not None:
+            lm_sum, lm_tokens = self.lm_term(model, lm)
+            if self.cfg.lm_coef > 0 and lm_tokens > 0:
+                loss = loss + (self.cfg.lm_coef * ntokens / lm_tokens) * lm_sum
+            extra = {**extra, "lm_loss": lm_sum.data, "lm_ntokens": lm_tokens}
         logging_output = {
             "loss": loss.data,
             "nll_loss": ce.data,
@@ -208,6 +226,13 @@ class TokenLevelKDCriterion(FairseqCriterion):
         }
         return loss, ntokens, logging_output
 
+    def lm_term(self, model, lm):
+        """Summed CE of the student on an --lm-data batch and its number of labels."""
+        target = lm["target"]
+        mask = target.ne(self.padding_idx)
+        logits = model(**lm["net_input"])[0][mask]
+        return F.cross_entropy(logits.float(), target[mask], reduction="sum"), int(mask.sum())
+
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
@@ -216,6 +241,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
         metrics.log_scalar("loss", total("loss") / denom, sample_size, round=3)
         metrics.log_scalar("nll_loss", total("nll_loss") / denom, sample_size, round=3)
         metrics.log_scalar("kd_loss", total("kd_loss") / denom, sample_size, round=3)
+        lm_tokens = total("lm_ntokens")
+        if lm_tokens > 0:
+            metrics.log_scalar("lm_loss", total("lm_loss") / lm_tokens / math.log(2), lm_tokens, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
     @staticmethod

@@ -40,6 +40,8 @@ class StudentDataConfig(FairseqDataclass):
     )
     # from the rest of the fairseq config (no --flags of their own)
     max_update: int = II("optimization.max_update")
+    max_tokens: Optional[int] = II("dataset.max_tokens")  # generated/replayed batches keep to it too
+    batch_size: Optional[int] = II("dataset.batch_size")
     max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
     save_dir: str = II("checkpoint.save_dir")

@@ -5,16 +5,26 @@ the criterion sees the batch and may replace it by fresh student generations or 
 batch (see ``schedule`` for the decision rule). It adds counters to the logging output that
 ``reduce_metrics`` turns into the per-update log: ``src_gen``/``src_buf``/``src_gt`` (fraction of
 micro-batches that generated / replayed / used ground truth), ``tau``, ``buf`` (buffer fill),
-``gen_s`` (seconds of generation per micro-batch and worker) and ``gen_tok`` (generated response
-tokens per micro-batch and worker, EOS included).
+``gen_s`` (seconds of generation per micro-batch and worker), ``gen_tok`` (generated response
+tokens per micro-batch and worker, EOS included) and ``gen_seqs`` (generated sequences, likewise;
+the trained batch, ``bsz``, can be smaller: see the token budget).
 
 Data parallelism: each worker generates for its own prompts and keeps its own buffer; r is drawn
 from (seed, update, micro-batch) so every worker takes the same branch; "buffer full" is
 all-reduced (only when it decides); tau moves only on the all-reduced validation loss.
 
-Resume: tau, the reference dev loss and the buffer's fill are saved in the task state. fairseq's
-trainer does not hand the task state back on resume, so they are read from the restored checkpoint
-at the first step. The buffer's contents are not saved: after a resume it refills from empty.
+Token budget: a generated or replayed batch holds other sequences than the batch it replaces, so
+it keeps only the first n of its (randomly drawn) examples with n * longest <= ``--max-tokens``
+(fairseq's own padded-batch measure; at least one example), and at most ``--batch-size``.
+
+Resume: tau, the reference dev loss and the replay buffer's contents (token tensors, see
+``replay_buffer``) and sampling state are saved in the task state. fairseq's trainer does not hand
+the task state back on resume, so they are read from the restored checkpoint at the first step.
+With several data-parallel workers only rank 0's buffer is saved (fairseq writes the checkpoint,
+and calls the task's ``state_dict``, on rank 0 alone); on resume every worker, whatever their number
+now, starts from a copy of it and samples it with its own random stream (rank 0 also gets its
+sampling state back, so a single-worker run resumes exactly as if uninterrupted). Workers that
+restored the same copy may replay the same sequence in one update while the copies age out.
 """
 import json
 import logging
@@ -94,14 +104,29 @@ class StudentData:
         self._trace = None
 
     # -- state ---------------------------------------------------------------------------------
+    def _pad(self) -> int:
+        return self.task.dictionary.pad() if self.task is not None else 1
+
     def state_dict(self) -> dict:
-        return {**self.threshold.state_dict(), "buffer_fill": len(self.buffer), "mode": self.mode}
+        """Called by fairseq on the worker that writes the checkpoint (rank 0): its buffer is saved."""
+        return {**self.threshold.state_dict(), "buffer_fill": len(self.buffer), "mode": self.mode,
+                "buffer": self.buffer.state_dict(self._pad()), "buffer_rank": self.rank, "world": self.world}
 
     def load_state_dict(self, state: dict):
         self.threshold.load_state_dict(state)
         self.restored_fill = int(state.get("buffer_fill", 0))
+        saved = state.get("buffer")
+        if saved is None:  # a checkpoint of an older version: the buffer refills
+            logger.info(f"student data: resumed with tau={self.threshold.tau} prev dev loss={self.threshold.prev_loss}; "
+                        f"the checkpoint has no replay buffer contents, it refills")
+            return
+        same_worker = int(state.get("buffer_rank", 0)) == self.rank
+        self.buffer.load_state_dict(saved, restore_rng=same_worker)
         logger.info(f"student data: resumed with tau={self.threshold.tau} prev dev loss={self.threshold.prev_loss}; "
-                    f"the replay buffer held {self.restored_fill} sequences, its contents are not saved: it refills")
+                    f"replay buffer restored with {len(self.buffer)} sequences"
+                    + ("" if same_worker and int(state.get("world", 1)) == self.world
+                       else f" (rank {state.get('buffer_rank', 0)}'s buffer of {state.get('world', 1)} workers, "
+                            f"now rank {self.rank} of {self.world})"))
 
     def _checkpoint_path(self) -> Optional[str]:
         restore = getattr(self.cfg, "restore_file", "checkpoint_last.pt")
@@ -219,15 +244,16 @@ class StudentData:
             self.buffer.push(examples)
             if source == schedule.GENERATE_REPLAY:
                 examples = self.buffer.sample(bsz)
-            sample = self._to_batch(examples, device)
+            sample = self._to_batch(self._fit(examples), device)
         elif source == schedule.REPLAY:
-            sample = self._to_batch(self.buffer.sample(bsz), device)
+            sample = self._to_batch(self._fit(self.buffer.sample(bsz)), device)
             log["sd_buf"] = 1.0
         else:
             log["sd_gt"] = 1.0
         log["sd_tau"], log["sd_fill"] = float(tau), float(len(self.buffer))
         self._write_trace({"update": update_num, "micro": self._micro, "r": r, "s": s, "tau": tau,
-                           "source": source, "fill": len(self.buffer), "bsz": int(sample["target"].size(0))})
+                           "source": source, "fill": len(self.buffer), "bsz": int(sample["target"].size(0)),
+                           "width": int(sample["target"].size(1)), "ids": [int(i) for i in sample["id"]]})
         return sample, log
 
     def _generate(self, task, model, sample, device):
@@ -245,6 +271,10 @@ class StudentData:
         pad, eos = task.dictionary.pad(), task.dictionary.eos()
         return examples_from_responses(sample, responses, pad, eos, self.cfg.tokens_per_sample), seconds
 
+    def _fit(self, examples: List[Dict]) -> List[Dict]:
+        limits = [getattr(self.cfg, k, None) for k in ("max_tokens", "batch_size")]
+        return within_token_budget(examples, *[v if isinstance(v, int) else None for v in limits])
+
     def _to_batch(self, examples: List[Dict], device):
         batch = collate_examples(examples, self.task.dictionary.pad())
         return utils.apply_to_sample(lambda t: t.to(device), batch)
@@ -256,6 +286,18 @@ class StudentData:
             self._trace = open(f"{self.cfg.student_data_trace}.rank{self.rank}.jsonl", "a")
         self._trace.write(json.dumps(record) + "\n")
         self._trace.flush()
+
+
+def within_token_budget(examples: List[Dict], max_tokens: Optional[int], max_sentences: Optional[int] = None):
+    """The longest prefix of ``examples`` whose padded batch, n * max(len(source)), fits ``max_tokens``
+    (and n <= ``max_sentences``); at least one example. None/0 means no limit."""
+    n, longest = 0, 0
+    for ex in examples:
+        length = max(longest, len(ex["source"]))
+        if n > 0 and ((max_tokens and (n + 1) * length > max_tokens) or (max_sentences and n + 1 > max_sentences)):
+            break
+        n, longest = n + 1, length
+    return examples[:n]
 
 
 def reduce_metrics(logging_outputs):
@@ -271,3 +313,4 @@ def reduce_metrics(logging_outputs):
     metrics.log_scalar("buf", total("sd_fill") / steps, steps, round=1)
     metrics.log_scalar("gen_s", total("sd_time") / steps, steps, round=3)
     metrics.log_scalar("gen_tok", total("sd_gen_toks") / steps, steps, round=1)
+    metrics.log_scalar("gen_seqs", total("sd_gen_seqs") / steps, steps, round=1)

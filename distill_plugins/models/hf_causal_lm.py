@@ -24,6 +24,10 @@ permuted on import and back on export (``hf/vocab.py``); rows no HF token maps t
 (``distill-prepare --tokenizer hf --hf-tokenizer DIR``), which is checked. The HF config is stored
 in the checkpoint (``--hf-config``), so a trained checkpoint loads without the HF directory.
 ``--lora-rank r`` trains LoRA adapters only (``distill_plugins/lora.py``).
+
+``--kd-impl fused``: every supported family's logits are ``lm_head(last hidden state)``, a bias-free
+linear layer (tied to the input embedding or not; none of them scales or caps its logits), then the
+absent rows; ``fused_output`` hands exactly that to the fused loss, on both backends.
 """
 import copy
 import logging
@@ -37,11 +41,13 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, regi
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from omegaconf import open_dict
 
+from ..chunked_divergences import FixedColumns
 from ..errors import DistillError
 from ..hf import checkpoint_dir as hfdir
 from ..hf import gpt2_native
 from ..hf.vocab import ABSENT_LOGIT, HFVocab, tokenizer_fingerprint
 from ..lora import apply_lora, has_lora, load_base_weights, merge_lora
+from ..output_projection import FusedOutput
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +139,18 @@ class HFBackedModel:
         raise NotImplementedError
 
 
+# model_type -> its ForCausalLM computes logits = lm_head(base_model(...).last_hidden_state), nothing more
+# (checked in transformers 5.x: no logit scale, soft-capping or bias); others would not be fused
+PLAIN_HEAD_MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "qwen2")
+
+
 def _mask_absent_rows(logits: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
     return logits.index_fill(-1, absent, ABSENT_LOGIT) if absent.numel() else logits
+
+
+def _fused_output(weight: torch.Tensor, absent: torch.Tensor) -> FusedOutput:
+    """The projection for ``--kd-impl fused``: ``weight``, then the absent rows' constant logit."""
+    return FusedOutput(weight, FixedColumns(absent, ABSENT_LOGIT) if absent.numel() else None)
 
 
 class AbsentRowsProjection(torch.nn.Module):
@@ -149,6 +165,9 @@ class AbsentRowsProjection(torch.nn.Module):
 
     def forward(self, features):
         return _mask_absent_rows(torch.nn.functional.linear(features, self.weight), self.absent_rows)
+
+    def fused_output(self) -> FusedOutput:
+        return _fused_output(self.weight, self.absent_rows)
 
 
 class NativeGPT2LM(HFBackedModel, TransformerLanguageModel):
@@ -236,9 +255,20 @@ class HFDecoder(FairseqIncrementalDecoder):
                 names += [f"{n}.{p}" for p, _ in module.named_parameters(recurse=False)]
         return sorted(set(names))
 
+    def fused_output(self) -> Optional[FusedOutput]:
+        """``lm_head``'s weight and the absent rows, when the logits are exactly ``lm_head(hidden)``."""
+        head = self.hf.get_output_embeddings()
+        if self.hf.config.model_type not in PLAIN_HEAD_MODEL_TYPES or not isinstance(head, torch.nn.Linear) \
+                or head.bias is not None:
+            return None
+        return _fused_output(head.weight, self.absent_rows)
+
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
-        if features_only:
-            raise NotImplementedError("hf_causal_lm returns logits only")
+        if features_only:  # the hidden states lm_head takes (for --kd-impl fused)
+            if incremental_state is not None:
+                raise NotImplementedError("hf_causal_lm: features_only without incremental decoding only")
+            hidden = self.hf.base_model(input_ids=prev_output_tokens, use_cache=False).last_hidden_state
+            return hidden, {"attn": [None], "inner_states": None}
         if incremental_state is None:
             logits = self.hf(input_ids=prev_output_tokens, use_cache=False).logits
         else:

@@ -4,6 +4,11 @@ Without ``--teacher-path`` it is supervised fine-tuning (any criterion, e.g. fai
 ``cross_entropy``); with it, the distillation criterions get the teacher's logits. Data come from
 ``distill-prepare`` (``{split}.src-tgt.{src,tgt}`` with one joined dictionary).
 
+With ``--lm-data DIR`` every training batch also carries ``sample["lm"]``, a batch of a
+pre-training corpus (``data/lm_corpus.py``; ``--lm-batch-size`` sequences, default as many as the
+training batch) for the criterion's extra LM term (DistiLLM's ``lm_coef`` * LM loss, spec section 3;
+``--lm-coef`` of the token-level criterions).
+
 Generation (``fairseq-generate``, ``--eval-rouge``) conditions on the prompt and returns only the
 response: pass ``--max-len-b`` as the total length (prompt included), e.g. 512.
 """
@@ -19,9 +24,10 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from ..data.lm_corpus import LMCorpus
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
 from ..data.world_size_resume import track_world_size
-from ..errors import DistillError
+from ..errors import DistillError, check
 from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
 from ..generated import student_data
 from ..generated.config import StudentDataConfig
@@ -77,6 +83,16 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
     )
     eval_rouge_print_samples: bool = field(default=False, metadata={"help": "log one sample per batch"})
     valid_subset: str = II("dataset.valid_subset")
+    # --lm-data: a pre-training corpus for an extra LM term (DistiLLM's / MiniLLM's OpenWebText loss)
+    lm_data: Optional[str] = field(
+        default=None, metadata={"help": "data directory of a pre-training corpus for the criterion's extra LM term "
+                                        "(python -m distill_plugins.cli.prepare_lm, or a distill-prepare dir, "
+                                        "with the student's dictionary)"}
+    )
+    lm_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "sequences per LM batch (default: as many as the training batch; "
+                                        "minillm: the rollout minibatch)"}
+    )
 
 
 @register_task("instruction_distillation", dataclass=InstructionDistillationConfig)
@@ -90,6 +106,9 @@ class InstructionDistillationTask(FairseqTask):
         # ImitKD / GKD / DistiLLM: student-generated batches (generated/student_data.py)
         mode = getattr(cfg, "student_data_mode", "off")
         self.student_data = student_data.StudentData(cfg, self) if mode != "off" else None
+        check(cfg.lm_batch_size is None or cfg.lm_batch_size >= 1,
+              f"--lm-batch-size must be >= 1, got {cfg.lm_batch_size}")
+        self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -153,7 +172,23 @@ class InstructionDistillationTask(FairseqTask):
         # The teacher is loaded here, not in build_model: generating with or evaluating the
         # student (which builds only the model) never loads the teacher.
         self.load_teachers()
-        return super().build_criterion(cfg, from_checkpoint)
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):
+            raise DistillError(f"--lm-data needs a criterion with an LM term (kd, skew_kl, js, ... or minillm); "
+                               f"{getattr(cfg, '_name', type(criterion).__name__)} would ignore it: drop --lm-data")
+        return criterion
+
+    def load_lm_corpus(self) -> Optional[LMCorpus]:
+        """The --lm-data corpus, loaded once; with the criterion, so that training fails early on a bad
+        directory while loading a trained checkpoint elsewhere (evaluation, export) never needs it."""
+        if self.cfg.lm_data and self.lm_corpus is None:
+            self.lm_corpus = LMCorpus(self.cfg.lm_data, self.dictionary, utils.split_paths(self.cfg.data)[0],
+                                      self.cfg.tokens_per_sample, self.cfg.seed)
+        return self.lm_corpus
+
+    def lm_batch(self, size: int, device=None):
+        """The next ``size`` sequences of the --lm-data corpus (this worker's share)."""
+        return self.load_lm_corpus().batch(size, device)
 
     def state_dict(self):
         return {
@@ -227,6 +262,9 @@ class InstructionDistillationTask(FairseqTask):
         extra = {}
         if self.student_data is not None:  # may replace the batch by student generations or a replay
             sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num)
+        if self.lm_corpus is not None and sample:  # the extra LM term's batch (not on empty dummy batches)
+            sample = dict(sample, lm=self.lm_batch(self.cfg.lm_batch_size or int(sample["target"].size(0)),
+                                                   sample["target"].device))
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
         )

@@ -18,41 +18,35 @@ The store is not checkpointed: a resumed run starts with a fresh collection.
 The student is in eval mode (no dropout) during rollouts and training (MiniLLM model.py). With
 ``--lm-data`` each minibatch also gets a language-modelling batch for the criterion's L_pt term
 (``--lm-batch-size``, default the rollout minibatch size) from a second data directory with the
-student's dictionary, in one of two formats:
-
-* ``distill-prepare`` output (``train.src-tgt.{src,tgt}``, made with ``--spm-model`` of the main
-  data so the dictionary matches): the LM loss covers the responses;
-* plain text binarized by ``fairseq-preprocess --only-source --srcdict DATA/dict.src.txt``
-  (``train.bin/.idx``; ``python -m distill_plugins.cli.prepare_lm`` writes it): cut into contiguous blocks
-  of ``--tokens-per-sample`` tokens, loss on every token (MiniLLM's OpenWebText term).
+student's dictionary (``distill_plugins/data/lm_corpus.py``, shared with ``instruction_distillation``):
+``distill-prepare`` output (the LM loss covers the responses) or plain text binarized by
+``python -m distill_plugins.cli.prepare_lm`` (contiguous blocks of ``--tokens-per-sample`` tokens,
+loss on every token: MiniLLM's OpenWebText term).
 
 Sampling is plain ancestral sampling (top-k 0, top-p 1, temperature 1, as in MiniLLM): anything
 else would make the stored log q_old differ from the sampling distribution.
 """
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
-from fairseq.data import Dictionary, TokenBlockDataset, data_utils
+from fairseq.data import Dictionary
 from fairseq.distributed import utils as distributed_utils
 from fairseq.models import BaseFairseqModel
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 
-from ..data.prompt_response_dataset import PromptResponseDataset, collate_examples
+from ..data.sharded_order import ShardedOrder
 from ..errors import DistillError, check
 from ..rollouts import RolloutStore, collect_rollouts, rollout_batch, sampler_model, to_device
 from ..sampling import generation_args
-from ..teacher import dictionary_fingerprint
 from .instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 
 logger = logging.getLogger(__name__)
-_STREAMS = {"prompt": 1, "lm": 2}  # separate random orders for rollout prompts and LM batches
+PROMPT_STREAM = 1  # the ShardedOrder stream of rollout prompts (LM batches: data/lm_corpus.py, 2)
 
 
 @dataclass
@@ -69,27 +63,6 @@ class MiniLLMTaskConfig(InstructionDistillationConfig):
     rollout_max_new_tokens: Optional[int] = field(
         default=None, metadata={"help": "max response tokens of a rollout (default: only --rollout-max-len)"}
     )
-    lm_data: Optional[str] = field(
-        default=None, metadata={"help": "data directory for the LM/KD term (distill-prepare or fairseq-preprocess "
-                                        "--only-source output with the student's dictionary)"}
-    )
-    lm_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "sequences per LM batch (default: the rollout minibatch size)"}
-    )
-
-
-class _LMBlocks(torch.utils.data.Dataset):
-    """Contiguous token blocks as LM examples: source = block[:-1], target = block[1:]."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, index):
-        block = self.blocks[index]
-        return {"id": index, "source": block[:-1], "target": block[1:], "prompt_length": 0}
 
 
 @register_task("minillm", dataclass=MiniLLMTaskConfig)
@@ -111,68 +84,8 @@ class MiniLLMTask(InstructionDistillationTask):
         check(cfg.rollout_max_new_tokens is None or cfg.rollout_max_new_tokens >= 1,
               f"--rollout-max-new-tokens must be >= 1, got {cfg.rollout_max_new_tokens}")
         self.store = RolloutStore(cfg.ppo_epochs, seed=cfg.seed)
-        self._prompt_order, self._prompt_pos, self._prompt_epoch = None, 0, 0
-        self._lm_dataset = None
-        self._lm_order, self._lm_pos, self._lm_epoch = None, 0, 0
+        self._prompt_order = None  # ShardedOrder over the training prompts, built at the first collection
         self.collections = 0
-        if cfg.lm_data:
-            self._lm_dataset = self._load_lm_data(cfg.lm_data)  # fail early on a bad directory
-
-    # -- the LM term's data ----------------------------------------------------------------------
-    def _check_dictionary(self, path: str):
-        if not os.path.isfile(path):
-            raise DistillError(f"--lm-data: {path} does not exist; prepare the LM data with the student's dictionary")
-        if dictionary_fingerprint(Dictionary.load(path)) != dictionary_fingerprint(self.dictionary):
-            raise DistillError(f"--lm-data: {path} differs from the student's dictionary; binarize the LM data "
-                               f"with --srcdict {os.path.join(self.cfg.data, 'dict.src.txt')}")
-
-    def _load_lm_data(self, directory: str):
-        if not os.path.isdir(directory):
-            raise DistillError(f"--lm-data {directory} is not a directory")
-        pairs = os.path.join(directory, "train.src-tgt.src")
-        plain = os.path.join(directory, "train")
-        if os.path.isfile(pairs + ".bin"):
-            self._check_dictionary(os.path.join(directory, "dict.src.txt"))
-            src = data_utils.load_indexed_dataset(pairs, self.dictionary)
-            tgt = data_utils.load_indexed_dataset(os.path.join(directory, "train.src-tgt.tgt"), self.dictionary)
-            ds = PromptResponseDataset(src, tgt, self.dictionary, max_len=self.cfg.tokens_per_sample)
-        elif os.path.isfile(plain + ".bin"):
-            self._check_dictionary(os.path.join(directory, "dict.txt"))
-            tokens = data_utils.load_indexed_dataset(plain, self.dictionary)
-            blocks = TokenBlockDataset(tokens, tokens.sizes, self.cfg.tokens_per_sample + 1, pad=self.dictionary.pad(),
-                                       eos=self.dictionary.eos(), break_mode="none")
-            ds = _LMBlocks(blocks)
-        else:
-            raise DistillError(f"--lm-data {directory} has neither train.src-tgt.src.bin (distill-prepare) nor "
-                               "train.bin (fairseq-preprocess --only-source)")
-        if len(ds) == 0:
-            raise DistillError(f"--lm-data {directory}: the train split is empty")
-        logger.info(f"LM data {directory}: {len(ds)} sequences")
-        return ds
-
-    def _next_indices(self, n: int, size: int, kind: str):
-        """The next n indices of a seeded random order over ``size`` items, this worker's share."""
-        world = max(distributed_utils.get_data_parallel_world_size(), 1) if _distributed() else 1
-        rank = distributed_utils.get_data_parallel_rank() if _distributed() else 0
-        out = []
-        while len(out) < n:
-            order, pos, epoch = getattr(self, f"_{kind}_order"), getattr(self, f"_{kind}_pos"), getattr(self, f"_{kind}_epoch")
-            if order is None or pos >= len(order):
-                perm = np.random.RandomState([self.cfg.seed, epoch, _STREAMS[kind]]).permutation(size)
-                order = perm[rank::world] if len(perm) >= world else perm
-                pos, epoch = 0, epoch + 1
-            take = order[pos: pos + n - len(out)]
-            out.extend(int(i) for i in take)
-            setattr(self, f"_{kind}_order", order)
-            setattr(self, f"_{kind}_pos", pos + len(take))
-            setattr(self, f"_{kind}_epoch", epoch)
-        return out
-
-    def lm_batch(self, size: int, device):
-        ds = self._lm_dataset
-        idx = self._next_indices(size, len(ds), "lm")
-        examples = [ds[i] for i in idx]
-        return to_device(collate_examples(examples, self.dictionary.pad()), device)
 
     # -- rollouts --------------------------------------------------------------------------------
     def collect(self, model, device):
@@ -198,7 +111,9 @@ class MiniLLMTask(InstructionDistillationTask):
         dataset = self.datasets["train"]
         rollouts = []
         while len(rollouts) < n:
-            idx = self._next_indices(min(self.cfg.rollout_batch_size, n - len(rollouts)), len(dataset), "prompt")
+            if self._prompt_order is None:
+                self._prompt_order = ShardedOrder(len(dataset), self.cfg.seed, PROMPT_STREAM)
+            idx = self._prompt_order.take(min(self.cfg.rollout_batch_size, n - len(rollouts)))
             prompts = dataset.collater([dataset[i] for i in idx])
             prompts = to_device(prompts, device)
             rollouts += collect_rollouts(self, model, teacher, sampler, generator, prompts, alpha, max_len, new_tokens)
@@ -219,7 +134,7 @@ class MiniLLMTask(InstructionDistillationTask):
         t0 = time.time()
         rollouts = self.store.next_minibatch(max(int(sample["nsentences"]), 1))
         batch = rollout_batch(rollouts, self.dictionary.pad(), device)
-        if self._lm_dataset is not None:
+        if self.lm_corpus is not None:
             batch["lm"] = self.lm_batch(self.cfg.lm_batch_size or len(rollouts), device)
         with torch.autograd.profiler.record_function("forward"):
             with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):

@@ -1,5 +1,5 @@
 """Tiny Hugging Face checkpoints made locally (no hub): tokenizers trained on the toy instructions,
-random GPT-2 / OPT / LLaMA / Qwen2 models saved with ``save_pretrained`` (safetensors)."""
+random GPT-2 / OPT / LLaMA / Mistral / Qwen2 models saved with ``save_pretrained`` (safetensors)."""
 import functools
 import os
 import tempfile
@@ -9,7 +9,7 @@ from conftest import make_rows
 from distill_plugins.data.instruction_jsonl import references, render_prompt
 
 ROOT = tempfile.mkdtemp(prefix="hf-fixtures-")
-FAMILIES = ("gpt2", "opt", "llama", "qwen2")
+FAMILIES = ("gpt2", "opt", "llama", "mistral", "qwen2")
 
 
 def corpus():
@@ -67,7 +67,7 @@ def tokenizer(style):
 
 def model_config(family, tok, small=False, **kw):
     """A tiny random config of ``family`` for ``tok``; ``small``: a narrower student."""
-    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     d = 16 if small else 32
     V = len(tok)
@@ -81,6 +81,10 @@ def model_config(family, tok, small=False, **kw):
         c = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                         initializer_range=0.2, tie_word_embeddings=False, **common)
+    elif family == "mistral":  # tied, no sliding window unless asked (``sliding_window=``)
+        c = MistralConfig(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          initializer_range=0.2, tie_word_embeddings=True, sliding_window=None, **common)
     elif family == "qwen2":  # embedding rows past the tokenizer, like Qwen2's 151936 > 151646
         c = Qwen2Config(vocab_size=V + 13, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -95,20 +99,22 @@ def model_config(family, tok, small=False, **kw):
 # Each family has its own tokenizer: transformers 5 picks the tokenizer class from config.json's
 # model_type (Qwen2Tokenizer adds NFC and its own pre-tokenizer), so the same files next to
 # another family's config tokenize differently, and the fingerprint check rightly refuses them.
-TOKENIZER_OF = {"gpt2": "gpt2", "opt": "opt", "llama": "llama", "qwen2": "qwen2"}
+TOKENIZER_OF = {"gpt2": "gpt2", "opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 @functools.lru_cache(maxsize=None)
-def hf_dir(family, tokenizer_style=None, small=False, seed=0, pickle=False):
-    """A saved tiny checkpoint directory (config.json, model.safetensors, tokenizer files)."""
+def hf_dir(family, tokenizer_style=None, small=False, seed=0, pickle=False, overrides=()):
+    """A saved tiny checkpoint directory (config.json, model.safetensors, tokenizer files);
+    ``overrides``: (name, value) pairs set on the config."""
     import torch
     from transformers import AutoModelForCausalLM
 
     style = tokenizer_style or TOKENIZER_OF[family]
     tok = tokenizer(style)
-    path = os.path.join(ROOT, f"{family}-{style}-{'s' if small else 'l'}-{seed}-{'pkl' if pickle else 'st'}")
+    extra = "".join(f"-{k}{v}" for k, v in overrides)
+    path = os.path.join(ROOT, f"{family}-{style}-{'s' if small else 'l'}-{seed}-{'pkl' if pickle else 'st'}{extra}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(family, tok, small=small))
+    model = AutoModelForCausalLM.from_config(model_config(family, tok, small=small, **dict(overrides)))
     model.save_pretrained(path, safe_serialization=not pickle)
     if pickle and os.path.isfile(os.path.join(path, "model.safetensors")):
         torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))

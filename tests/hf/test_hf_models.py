@@ -1,4 +1,4 @@
-"""Tiny random GPT-2 / OPT / LLaMA / Qwen2 checkpoints: fairseq-side logits and greedy generation
+"""Tiny random GPT-2 / OPT / LLaMA / Mistral / Qwen2 checkpoints: fairseq-side logits and greedy generation
 equal transformers'; export then reload gives the same logits; LoRA merges exactly."""
 import os
 
@@ -12,19 +12,21 @@ import hf_fixtures as F  # noqa: E402
 from distill_plugins.hf.vocab import ABSENT_LOGIT  # noqa: E402
 
 # (family, extra flags): GPT-2 runs native by default; also through the wrapper
-CASES = [("gpt2", []), ("gpt2", ["--hf-backend", "wrapped"]), ("opt", []), ("llama", []), ("qwen2", [])]
-IDS = ["gpt2-native", "gpt2-wrapped", "opt", "llama", "qwen2"]
+CASES = [("gpt2", []), ("gpt2", ["--hf-backend", "wrapped"]), ("opt", []), ("llama", []), ("mistral", []),
+         ("qwen2", [])]
+IDS = ["gpt2-native", "gpt2-wrapped", "opt", "llama", "mistral", "qwen2"]
 TOL = 1e-4
 
 
-def build(family, *extra):
-    return F.build(F.prepared(family), "--arch", "hf_causal_lm", "--hf-model-dir", F.hf_dir(family), *extra)
+def build(family, *extra, overrides=()):
+    return F.build(F.prepared(family), "--arch", "hf_causal_lm", "--hf-model-dir",
+                   F.hf_dir(family, overrides=overrides), *extra)
 
 
-def reference(family):
+def reference(family, overrides=()):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(F.hf_dir(family)).eval()
+    return AutoModelForCausalLM.from_pretrained(F.hf_dir(family, overrides=overrides)).eval()
 
 
 @pytest.mark.parametrize("family,extra", CASES, ids=IDS)
@@ -48,7 +50,7 @@ def test_logits_and_greedy_generation_equal_transformers(family, extra):
     check_greedy_generation(task, model, family)
 
 
-def check_greedy_generation(task, model, family):
+def check_greedy_generation(task, model, family, overrides=()):
     """fairseq's generator (through the task, incremental decoding) vs transformers' generate."""
     from fairseq.dataclass.configs import GenerationConfig
 
@@ -57,7 +59,7 @@ def check_greedy_generation(task, model, family):
     prompts_len = int(sample["prompt_lengths"].max())
     gen = task.build_generator([model], GenerationConfig(beam=1, max_len_a=0, max_len_b=prompts_len + budget))
     hypos = task.inference_step(gen, [model], sample)
-    vocab, ref = model.hf_vocab, reference(family)
+    vocab, ref = model.hf_vocab, reference(family, overrides)
     eos_hf = vocab.specials["eos"]
     # embedding rows past the tokenizer (Qwen2 pads its table) have no token: not in the dictionary
     suppress = list(range(vocab.size, ref.config.vocab_size)) or None

@@ -1,7 +1,6 @@
 """MiniLLM through the real CLIs: SFT student -> fairseq-train --task minillm --criterion minillm
 (teacher-mixed rollouts, PPO epochs, LM term on plain text) lowers the student's reverse KL to the
 teacher on the held-out prompts, measured on the student's own samples."""
-import json
 import os
 
 import pytest
@@ -10,7 +9,6 @@ from fairseq.data import Dictionary
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from conftest import train
-from distill_plugins.cli import prepare_lm
 from distill_plugins.errors import DistillError
 from distill_plugins.evaluation.reverse_kl import load_frozen, sampled_reverse_kl
 from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
@@ -26,16 +24,6 @@ def sft_student(data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("sft_student")
     train(data_bin, save, "--criterion", "cross_entropy", max_update=10)
     return str(save / "checkpoint_last.pt")
-
-
-@pytest.fixture(scope="module")
-def plain_lm_data(data_bin, tiny_jsonl, tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm")
-    corpus = d / "corpus.txt"
-    rows = [json.loads(line) for line in open(tiny_jsonl["train"])]
-    corpus.write_text("\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in rows) + "\n\n")
-    prepare_lm.main(["--data", data_bin, "--train", str(corpus), "--destdir", str(d / "bin")])
-    return str(d / "bin")
 
 
 def minillm_task(data_bin, **kw):
@@ -55,10 +43,10 @@ def test_lm_data_formats_and_errors(data_bin, plain_lm_data, tmp_path):
             assert batch["target"].ne(pad).all() and batch["target"].size(1) == 32
             assert torch.equal(batch["net_input"]["src_tokens"][:, 1:], batch["target"][:, :-1])
     with pytest.raises(DistillError, match="is not a directory"):
-        minillm_task(data_bin, lm_data=str(tmp_path / "missing"))
+        minillm_task(data_bin, lm_data=str(tmp_path / "missing")).load_lm_corpus()
     (tmp_path / "other").mkdir()
     with pytest.raises(DistillError, match="neither"):
-        minillm_task(data_bin, lm_data=str(tmp_path / "other"))
+        minillm_task(data_bin, lm_data=str(tmp_path / "other")).load_lm_corpus()
     with pytest.raises(DistillError, match="--ppo-epochs"):
         minillm_task(data_bin, ppo_epochs=0)
 

@@ -1,0 +1,87 @@
+"""The pre-training corpus of the extra language-modelling term (``--lm-data DIR``): MiniLLM's L_pt
+and DistiLLM's ``lm_coef`` * LM loss, both on OpenWebText in the papers (spec sections 2 and 3).
+
+DIR is either plain text binarized with the student's dictionary (``distill_plugins.cli.prepare_lm``
+or ``fairseq-preprocess --only-source --srcdict``: ``train.{bin,idx}`` + ``dict.txt``), cut into
+contiguous blocks of ``tokens_per_sample`` + 1 tokens with a label on every position
+(source = block[:-1], target = block[1:]); or a ``distill-prepare`` directory, whose responses are
+the labels (``train.src-tgt.*``, ``dict.src.txt``). ``LMCorpus.batch(n, device)`` returns the next
+n sequences of a seeded random order, this worker's share (``ShardedOrder``, stream 2), collated
+like the task's batches. The order restarts on resume (it is not checkpointed).
+"""
+import logging
+import os
+
+import torch
+from fairseq import utils
+from fairseq.data import Dictionary, TokenBlockDataset, data_utils
+
+from ..errors import DistillError
+from ..teacher import dictionary_fingerprint
+from .prompt_response_dataset import PromptResponseDataset, collate_examples
+from .sharded_order import ShardedOrder
+
+logger = logging.getLogger(__name__)
+LM_STREAM = 2  # the ShardedOrder stream of LM batches (MiniLLM's rollout prompts use 1)
+
+
+class LMBlocks(torch.utils.data.Dataset):
+    """Contiguous token blocks as LM examples: source = block[:-1], target = block[1:]."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, index):
+        block = self.blocks[index]
+        return {"id": index, "source": block[:-1], "target": block[1:], "prompt_length": 0}
+
+
+def _check_dictionary(path: str, dictionary: Dictionary, data_dir: str):
+    if not os.path.isfile(path):
+        raise DistillError(f"--lm-data: {path} does not exist; prepare the LM data with the student's dictionary")
+    if dictionary_fingerprint(Dictionary.load(path)) != dictionary_fingerprint(dictionary):
+        raise DistillError(f"--lm-data: {path} differs from the student's dictionary; binarize the LM data "
+                           f"with --srcdict {os.path.join(data_dir, 'dict.src.txt')}")
+
+
+def load_lm_dataset(directory: str, dictionary: Dictionary, data_dir: str, tokens_per_sample: int):
+    """The train split of DIR as LM examples (see the module docstring); one-line errors otherwise."""
+    if not os.path.isdir(directory):
+        raise DistillError(f"--lm-data {directory} is not a directory")
+    pairs = os.path.join(directory, "train.src-tgt.src")
+    plain = os.path.join(directory, "train")
+    if os.path.isfile(pairs + ".bin"):
+        _check_dictionary(os.path.join(directory, "dict.src.txt"), dictionary, data_dir)
+        src = data_utils.load_indexed_dataset(pairs, dictionary)
+        tgt = data_utils.load_indexed_dataset(os.path.join(directory, "train.src-tgt.tgt"), dictionary)
+        ds = PromptResponseDataset(src, tgt, dictionary, max_len=tokens_per_sample)
+    elif os.path.isfile(plain + ".bin"):
+        _check_dictionary(os.path.join(directory, "dict.txt"), dictionary, data_dir)
+        tokens = data_utils.load_indexed_dataset(plain, dictionary)
+        blocks = TokenBlockDataset(tokens, tokens.sizes, tokens_per_sample + 1, pad=dictionary.pad(),
+                                   eos=dictionary.eos(), break_mode="none")
+        ds = LMBlocks(blocks)
+    else:
+        raise DistillError(f"--lm-data {directory} has neither train.src-tgt.src.bin (distill-prepare) nor "
+                           "train.bin (fairseq-preprocess --only-source)")
+    if len(ds) == 0:
+        raise DistillError(f"--lm-data {directory}: the train split is empty")
+    logger.info(f"LM data {directory}: {len(ds)} sequences")
+    return ds
+
+
+class LMCorpus:
+    """Batches of the ``--lm-data`` corpus in a seeded order, split over the workers."""
+
+    def __init__(self, directory: str, dictionary: Dictionary, data_dir: str, tokens_per_sample: int, seed: int):
+        self.dataset = load_lm_dataset(directory, dictionary, data_dir, tokens_per_sample)
+        self.pad = dictionary.pad()
+        self.order = ShardedOrder(len(self.dataset), seed, LM_STREAM)
+
+    def batch(self, n: int, device=None):
+        examples = [self.dataset[i] for i in self.order.take(n)]
+        batch = collate_examples(examples, self.pad)
+        return batch if device is None else utils.apply_to_sample(lambda t: t.to(device), batch)
