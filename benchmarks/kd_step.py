@@ -6,7 +6,7 @@
 (a) ``ours``: fairseq's ``Trainer.train_step`` on our task (``instruction_distillation``) and
     criterion (``--criterion``, default ``kd``, with ``--kd-impl``), GPT-2-shaped fairseq models
     (``kd_gpt2_*``), Adam. The teacher is ``distill_plugins.teacher.Teacher`` (frozen, in
-    ``--teacher-dtype``, no grad; ``--compile-teacher`` wraps its model in ``torch.compile``).
+    ``--teacher-dtype``, no grad; ``--compile-teacher`` is the task's ``--teacher-compile``).
     ``--precision bf16``/``fp16`` is fairseq's ``--bf16``/``--fp16`` (half-precision student, fp32
     master weights).
 (b) ``reference``: the step as the reference code writes it (DistiLLM/MiniLLM with HF models): the
@@ -197,7 +197,7 @@ def build_ours(args, device, data_dir):
     teacher_model = task.build_model(teacher_cfg.model)
     teacher = Teacher(teacher_model, path="(random init)", sha256="-", dtype=args.teacher_dtype, device=str(device))
     if args.compile_teacher:
-        teacher.model = torch.compile(teacher.model)
+        teacher.compile()  # what --teacher-compile does in the task
     task.teachers = [teacher]
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)

@@ -40,6 +40,7 @@ class Teacher:
 
     def __init__(self, model, path: str, sha256: str, dtype: str = "fp32", device: Optional[str] = None):
         self.model = model.eval().requires_grad_(False)
+        self._run = self.model  # the callable of the forward: the model, or its torch.compile wrapper
         self.path, self.sha256 = path, sha256
         self.sharded = False  # parameters split over the workers (--teacher-sharding fsdp)
         self.dtype = DTYPES[dtype]
@@ -48,6 +49,14 @@ class Teacher:
         if self.device is not None:
             self.model.to(self.device)
 
+    def compile(self) -> None:
+        """Run the forward through ``torch.compile`` (``--teacher-compile``): the teacher is frozen,
+        so its graph is compiled once per input shape class; parameters stay shared with ``model``."""
+        if self.sharded:
+            logger.warning("--teacher-compile: a sharded teacher (--teacher-sharding fsdp) runs uncompiled")
+            return
+        self._run = torch.compile(self.model, dynamic=None)
+
     def shard(self, device) -> None:
         """Split the parameters over the data-parallel workers (``teacher_sharding.py``); the
         teacher then lives on ``--teacher-device`` if given, else ``device`` (the student's)."""
@@ -55,6 +64,7 @@ class Teacher:
 
         self.device = self.device or torch.device(device)
         self.model = shard_teacher(self.model, self.device)
+        self._run = self.model
         self.sharded = is_sharded(self.model)
 
     @classmethod
@@ -142,7 +152,7 @@ class Teacher:
         inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in net_input.items()}
         # Autocast from the student's --amp/--bf16 must not re-cast the teacher: it has its own dtype.
         with torch.autocast(device_type=dev.type, enabled=False):
-            out = self.model(**inputs, **kwargs)[0]
+            out = self._run(**inputs, **kwargs)[0]
         if self.sharded:  # free the gathered embeddings/output layer too, not only the blocks
             self.model.reshard()
         return out.to(src.device)

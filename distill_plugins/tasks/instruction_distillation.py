@@ -58,6 +58,10 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
     teacher_device: str = field(
         default="auto", metadata={"help": "device of the teacher: auto (the student's), cpu, cuda:N"}
     )
+    teacher_compile: bool = field(
+        default=False, metadata={"help": "run the teacher's forward through torch.compile (compiles at the first "
+                                         "batches; on CPU it needs a C++ compiler)"}
+    )
     teacher_sharding: ChoiceEnum(["replicated", "fsdp"]) = field(
         default="replicated", metadata={"help": "replicated: a full teacher on every worker; fsdp: its parameters "
                                                 "split over the workers (teacher_sharding.py, docs/distributed.md)"}
@@ -166,6 +170,9 @@ class InstructionDistillationTask(FairseqTask):
                 on_gpu = torch.cuda.is_available() and not self.cfg.cpu
                 for t in self.teachers:
                     t.shard(torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+            if self.cfg.teacher_compile:
+                for t in self.teachers:
+                    t.compile()
         return self.teachers
 
     def build_criterion(self, cfg, from_checkpoint=False):

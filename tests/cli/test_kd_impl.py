@@ -1,4 +1,5 @@
-"""--kd-impl chunked and fused train exactly like plain through the real fairseq-train."""
+"""--kd-impl chunked and fused, and a compiled teacher (--teacher-compile), train exactly like plain
+through the real fairseq-train."""
 import re
 
 from conftest import train
@@ -19,13 +20,15 @@ def updates(log):
 
 def test_chunked_and_fused_give_plain_updates(data_bin, teacher_ckpt, tmp_path):
     runs = {}
-    for impl in ("plain", "chunked", "fused"):
+    for name in ("plain", "chunked", "fused", "fused+compiled_teacher"):
+        impl, _, compiled = name.partition("+")
         # chunks of 7 tokens: several chunks per batch, the last one partial
         proc = train(data_bin, tmp_path / impl, "--criterion", "kd", "--teacher-path", teacher_ckpt,
-                     "--kd-impl", impl, "--kd-chunk-size", "7", "--no-save", max_update=2)
-        runs[impl] = updates(proc.stdout + proc.stderr)
+                     "--kd-impl", impl, "--kd-chunk-size", "7", "--no-save",
+                     *(["--teacher-compile"] if compiled else []), max_update=2)
+        runs[name] = updates(proc.stdout + proc.stderr)
     assert sorted(runs["plain"]) == [1, 2]
-    for impl in ("chunked", "fused"):
+    for impl in ("chunked", "fused", "fused+compiled_teacher"):
         for update in (1, 2):  # update 2 depends on update 1's gradients
             for ours, plain in zip(runs[impl][update], runs["plain"][update]):
                 assert abs(ours - plain) <= 2e-3 + 1e-3 * abs(plain), (impl, update, runs[impl], runs["plain"])
