@@ -107,3 +107,36 @@ def plain_lm_data(data_bin, tiny_jsonl, tmp_path_factory):
     corpus.write_text("\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in rows) + "\n\n")
     prepare_lm.main(["--data", data_bin, "--train", str(corpus), "--destdir", str(d / "bin")])
     return str(d / "bin")
+
+
+def tiny_model(task, seed):
+    """An in-memory kd_gpt2_tiny (1 layer, 16 dims, no dropout) on ``task``'s dictionary."""
+    import argparse
+
+    import torch
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+    import distill_plugins  # noqa: F401
+
+    torch.manual_seed(seed)
+    args = argparse.Namespace(arch="kd_gpt2_tiny", decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
+                              decoder_attention_heads=2, dropout=0.0, attention_dropout=0.0)
+    ARCH_CONFIG_REGISTRY["kd_gpt2_tiny"](args)
+    return ARCH_MODEL_REGISTRY["kd_gpt2_tiny"].build_model(args, task)
+
+
+def in_memory_kd_task(tokens_per_sample, words=30):
+    """A real instruction_distillation task on a ``words``-word dictionary, a student and a
+    different (untrained) teacher, built in-process: (task, student)."""
+    from fairseq.data import Dictionary
+
+    from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
+    from distill_plugins.teacher import Teacher
+
+    d = Dictionary()
+    for i in range(words):
+        d.add_symbol(f"w{i}")
+    task = InstructionDistillationTask(InstructionDistillationConfig(tokens_per_sample=tokens_per_sample), d)
+    student = tiny_model(task, seed=1)
+    task.teachers = [Teacher(tiny_model(task, seed=2), path="<in memory>", sha256="0" * 64)]
+    return task, student

@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional
 
-from .config import ChainConfig, StageSpec
+from .config import ChainConfig, StageSpec, option_argv
 
 USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # distill_plugins/
 DEFAULT_TASK = "instruction_distillation"
@@ -29,17 +29,6 @@ def fairseq_train_executable() -> str:
 
 def evaluate_executable() -> str:
     return executable("distill-evaluate")
-
-
-def option_argv(args: Dict[str, Any]) -> List[str]:
-    argv = []
-    for name, value in args.items():
-        if value is None or value is False:
-            continue
-        argv.append(f"--{name}")
-        if value is not True:
-            argv.append(str(value))
-    return argv
 
 
 def stage_argv(chain: ChainConfig, stage: StageSpec, teacher_paths: List[str]) -> List[str]:

@@ -281,7 +281,7 @@ def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            get_parser().parse_args(["checkpoint.pt", "--data", "data"] + evaluate_argv(out))
+            get_parser().parse_args(["checkpoint.pt", "--data", "data"] + option_argv(out))
     except SystemExit:
         lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
         raise DistillError("evaluate: distill-evaluate rejects the options: "
@@ -289,8 +289,9 @@ def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
     return out
 
 
-def evaluate_argv(options: Dict[str, Any]) -> List[str]:
-    """distill-evaluate options -> argv (lists are space-separated: --seeds 10 20)."""
+def option_argv(options: Dict[str, Any]) -> List[str]:
+    """Options -> argv: ``true`` a bare flag, ``false``/``null`` left out, a list space-separated
+    (``--seeds 10 20``; fairseq-train options arrive here with lists already comma-joined)."""
     argv = []
     for name, value in options.items():
         if value is None or value is False:

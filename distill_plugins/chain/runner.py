@@ -21,7 +21,7 @@ import torch
 from ..errors import DistillError
 from ..teacher import sha256_file
 from .command import evaluate_executable, fairseq_train_executable, fingerprint, stage_argv, stage_settings
-from .config import ChainConfig, StageSpec, evaluate_argv
+from .config import ChainConfig, StageSpec, option_argv
 from .manifest import Manifest, sha256_dir
 from .plan import StagePlan, checkpoint_updates, make_plan, short
 
@@ -267,7 +267,7 @@ class ChainRunner:
         os.makedirs(save_dir, exist_ok=True)
         out = os.path.join(save_dir, "evaluation.json")
         cmd = [evaluate_executable(), self.chain.checkpoint_path(stage), "--data", self.chain.data, "--json", out,
-               "--name", stage.name, "--no-progress"] + evaluate_argv(self.chain.evaluate)
+               "--name", stage.name, "--no-progress"] + option_argv(self.chain.evaluate)
         self.say(f"{tag}: evaluating {os.path.basename(self.chain.checkpoint_path(stage))} (distill-evaluate)")
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

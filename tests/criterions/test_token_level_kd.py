@@ -7,7 +7,6 @@ where t runs over response tokens and the EOS only (prompt and padding positions
 The expected values are computed one example at a time, without padding and without the
 criterion's mask, so batching, padding and masking are all checked.
 """
-import argparse
 import math
 
 import pytest
@@ -15,10 +14,10 @@ import torch
 from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.data import Dictionary, ListDataset
 from fairseq.logging import metrics
-from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf
 
 import distill_plugins  # noqa: F401  (registers task, criterions, archs)
+from conftest import in_memory_kd_task
 from distill_plugins import divergences as D
 from distill_plugins.data.prompt_response_dataset import PromptResponseDataset
 from distill_plugins.errors import DistillError
@@ -26,7 +25,6 @@ from distill_plugins.tasks.instruction_distillation import (
     InstructionDistillationConfig,
     InstructionDistillationTask,
 )
-from distill_plugins.teacher import Teacher
 
 MAX_LEN = 14
 # --kd-impl: full logits, 5 tokens at a time, 5 tokens at a time with the output projection fused in
@@ -48,26 +46,10 @@ CRITERIONS = {
 }
 
 
-def tiny_model(task, seed):
-    torch.manual_seed(seed)
-    args = argparse.Namespace(
-        arch="kd_gpt2_tiny", decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
-        decoder_attention_heads=2, dropout=0.0, attention_dropout=0.0,
-    )
-    ARCH_CONFIG_REGISTRY["kd_gpt2_tiny"](args)
-    return ARCH_MODEL_REGISTRY["kd_gpt2_tiny"].build_model(args, task)
-
-
 @pytest.fixture(scope="module")
 def setup():
     """A real task on a 30-word dictionary, a student, and a different (untrained) teacher."""
-    d = Dictionary()
-    for i in range(30):
-        d.add_symbol(f"w{i}")
-    task = InstructionDistillationTask(InstructionDistillationConfig(tokens_per_sample=MAX_LEN), d)
-    student = tiny_model(task, seed=1)
-    task.teachers = [Teacher(tiny_model(task, seed=2), path="<in memory>", sha256="0" * 64)]
-    return task, student
+    return in_memory_kd_task(tokens_per_sample=MAX_LEN)
 
 
 def examples(dictionary):

@@ -4,42 +4,26 @@
 
 checked against float64 parts on every --kd-impl path, the one-line errors, and a short
 fairseq-train run with --lm-data (together with student-generated data) that logs lm_loss."""
-import argparse
 import math
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 from fairseq.logging import metrics
-from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf
 
 import distill_plugins  # noqa: F401  (registers task, criterions, archs)
-from conftest import train
+from conftest import in_memory_kd_task, train
 from distill_plugins import divergences as D
 from distill_plugins.data.lm_corpus import LMBlocks
 from distill_plugins.data.prompt_response_dataset import collate_examples, join_prompt_response
 from distill_plugins.errors import DistillError
 from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
-from distill_plugins.teacher import Teacher
-
-
-def tiny_model(task, seed):
-    torch.manual_seed(seed)
-    args = argparse.Namespace(arch="kd_gpt2_tiny", decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
-                              decoder_attention_heads=2, dropout=0.0, attention_dropout=0.0)
-    ARCH_CONFIG_REGISTRY["kd_gpt2_tiny"](args)
-    return ARCH_MODEL_REGISTRY["kd_gpt2_tiny"].build_model(args, task)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    d = Dictionary()
-    for i in range(30):
-        d.add_symbol(f"w{i}")
-    task = InstructionDistillationTask(InstructionDistillationConfig(tokens_per_sample=16), d)
-    student = tiny_model(task, seed=1)
-    task.teachers = [Teacher(tiny_model(task, seed=2), path="<in memory>", sha256="0" * 64)]
+    task, student = in_memory_kd_task(tokens_per_sample=16)
+    d = task.dictionary
     g = torch.Generator().manual_seed(0)
     word = lambda n: torch.randint(d.nspecial, len(d), (n,), generator=g)  # noqa: E731
     eos = torch.tensor([d.eos()])
