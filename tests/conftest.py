@@ -109,6 +109,17 @@ def plain_lm_data(data_bin, tiny_jsonl, tmp_path_factory):
     return str(d / "bin")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process generation on one thread, as the CLI subprocesses run (OMP_NUM_THREADS=1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(task, seed):
     """An in-memory kd_gpt2_tiny (1 layer, 16 dims, no dropout) on ``task``'s dictionary."""
     import argparse

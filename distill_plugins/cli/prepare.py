@@ -13,15 +13,14 @@ everything succeeded (built in a temporary directory, then renamed).
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
 from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
 from ..errors import DistillError
+from ..staged_directory import staged_directory
 
 SPLITS = ("train", "valid", "test")
 
@@ -84,11 +83,7 @@ def main(argv=None):
     data = {s: read_instruction_jsonl(path) for s, path in files.items()}  # validate all first
     print(f"| read {', '.join(f'{s}: {len(r)} rows' for s, r in data.items())}", flush=True)
 
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".prepare-", dir=os.path.dirname(dest) or ".")
-    try:
-        out = os.path.join(work, "bin")
-        os.makedirs(out)
+    with staged_directory(dest, prefix=".prepare-") as (work, out):
         if args.tokenizer == "hf":
             tok = HFTokenizer(args.hf_tokenizer)
             print(f"| Hugging Face tokenizer {args.hf_tokenizer}, {tok.vocab.size} tokens", flush=True)
@@ -134,11 +129,6 @@ def main(argv=None):
             raise DistillError(f"fairseq-preprocess failed: {tail}")
         with open(os.path.join(out, "prepare_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(out, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(f"| wrote {dest} in {time.time() - t0:.1f}s", flush=True)
 
 

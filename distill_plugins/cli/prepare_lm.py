@@ -11,12 +11,12 @@ appears only when everything succeeded.
 import argparse
 import os
 import shutil
-import tempfile
 
 from fairseq.data import Dictionary, indexed_dataset
 
 from ..data.tokenizers import load_tokenizer
 from ..errors import DistillError
+from ..staged_directory import staged_directory
 
 
 def main(argv=None):
@@ -35,12 +35,8 @@ def main(argv=None):
     if os.path.exists(dest) and not args.overwrite:
         raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
     tok = load_tokenizer(args.data)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".prepare-lm-", dir=os.path.dirname(dest) or ".")
-    try:
+    with staged_directory(dest, prefix=".prepare-lm-") as (_, out):
         dictionary = Dictionary.load(dict_file)
-        out = os.path.join(work, "bin")
-        os.makedirs(out)
         builder = indexed_dataset.make_builder(os.path.join(out, "train.bin"), impl="mmap",
                                                vocab_size=len(dictionary))
         n, ntok, nunk = 0, 0, 0
@@ -56,11 +52,6 @@ def main(argv=None):
             raise DistillError(f"--train {args.train} has no non-empty line")
         builder.finalize(os.path.join(out, "train.idx"))
         shutil.copyfile(dict_file, os.path.join(out, "dict.txt"))
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(out, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(f"| wrote {n} documents, {ntok} tokens ({nunk} <unk>) to {dest}", flush=True)
 
 

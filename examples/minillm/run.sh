@@ -8,50 +8,15 @@
 #   6. evaluate            reverse KL to the teacher on the test prompts (student samples) and Rouge-L
 # Knobs (environment): TEACHER_UPDATES (150), INIT_UPDATES (150), MINILLM_UPDATES (64), NUM_ROLLOUTS (32),
 # NEW_TOKENS (64, max response tokens of a rollout), LR (1e-4), SEEDS ("10"), EVAL (1; 0 skips step 6).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ -x .venv/bin/fairseq-train ] || bash scripts/setup_env.sh
-source .venv/bin/activate
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-
-DATA=${DATA:-data-bin/dolly}
-CK=${CK:-checkpoints/dolly}
 LM=${LM:-data-bin/dolly-lm}
 OUT=${OUT:-results/minillm}
-TEACHER_UPDATES=${TEACHER_UPDATES:-150}
-INIT_UPDATES=${INIT_UPDATES:-150}
+SHOW_PATTERN="train_inner|valid on|collection|done training|error"
+source "$(dirname "$0")/../common.sh"   # environment, data (1/6), teacher (2/6), SFT student init (3/6)
 MINILLM_UPDATES=${MINILLM_UPDATES:-64}
 NUM_ROLLOUTS=${NUM_ROLLOUTS:-32}
 NEW_TOKENS=${NEW_TOKENS:-64}
 LR=${LR:-1e-4}
-SEEDS=${SEEDS:-10}
 mkdir -p "$OUT"
-start=$(date +%s)
-step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
-show() { grep -E "train_inner|valid on|collection|done training|error" || true; }
-
-TRAIN=(fairseq-train "$DATA" --user-dir distill_plugins --task instruction_distillation --cpu
-  --optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 30
-  --clip-norm 1.0 --max-tokens 4096 --log-format simple --log-interval 25 --no-epoch-checkpoints
-  --validate-interval-updates 50 --seed 1 --num-workers 0)
-
-if [ ! -f "$DATA/dict.src.txt" ]; then
-  step "1/6 prepare the bundled Dolly subset"
-  distill-prepare --train examples/dolly/data/train.jsonl --valid examples/dolly/data/valid.jsonl \
-    --test examples/dolly/data/test.jsonl --destdir "$DATA" --vocab-size 4000 --overwrite
-fi
-TEACHER=$CK/teacher/checkpoint_best.pt
-if [ ! -f "$TEACHER" ]; then
-  step "2/6 teacher: kd_gpt2_mini, supervised fine-tuning, $TEACHER_UPDATES updates"
-  "${TRAIN[@]}" --arch kd_gpt2_mini --criterion cross_entropy --max-update "$TEACHER_UPDATES" \
-    --save-dir "$CK/teacher" 2>&1 | show
-fi
-INIT=$CK/student_sft/checkpoint_best.pt
-if [ ! -f "$INIT" ]; then
-  step "3/6 student init: kd_gpt2_tiny, supervised fine-tuning, $INIT_UPDATES updates"
-  "${TRAIN[@]}" --arch kd_gpt2_tiny --criterion cross_entropy --max-update "$INIT_UPDATES" \
-    --save-dir "$CK/student_sft" 2>&1 | show
-fi
 
 step "4/6 LM data for the pre-training term: the training texts as plain documents"
 python - "$DATA/train.jsonl" "$OUT/lm_corpus.txt" <<'PY'
@@ -84,13 +49,6 @@ declare -A CKPT=([student_sft]=checkpoint_best.pt [student_minillm]=checkpoint_l
 for model in student_sft student_minillm; do
   python -m distill_plugins.evaluation.reverse_kl "$DATA" --split test --student "$CK/$model/${CKPT[$model]}" \
     --teacher "$TEACHER" --seeds "${SEEDS// /,}" --json "$OUT/${model}_reverse_kl.json" 2>&1 | grep "^|"
-  for seed in $SEEDS; do
-    fairseq-generate "$DATA" --user-dir distill_plugins --task instruction_distillation \
-      --path "$CK/$model/${CKPT[$model]}" --gen-subset test --cpu --batch-size 100 \
-      --sampling --beam 1 --sampling-topk -1 --sampling-topp -1 --temperature 1.0 \
-      --no-repeat-ngram-size 6 --max-len-b 511 --seed "$seed" \
-      --results-path "$OUT/gen_${model}_seed${seed}" 2>&1 | grep -E "Translated" || true
-  done
-  distill-score "$DATA" "$OUT"/gen_"${model}"_seed*/generate-test.txt --name "$model" --json "$OUT/$model.json"
+  rouge "$model" "$CK/$model/${CKPT[$model]}"
 done
 step "done: results in $OUT"

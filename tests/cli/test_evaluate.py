@@ -21,15 +21,7 @@ MAX_PROMPT = 128
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process generation on one thread, as the CLI subprocesses run (OMP_NUM_THREADS=1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def direct_rouge(pred, refs):

@@ -23,15 +23,7 @@ FAVOURITE = "▁apple"  # the crafted model's token; when it is blocked, one of 
 RUNNERS_UP = ("▁banana", "▁cherry", "▁dog", "▁eagle")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process generation on one thread, as the CLI subprocesses run (OMP_NUM_THREADS=1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 6])
