@@ -12,18 +12,10 @@ import pytest
 import torch
 import yaml
 
+from chain_helpers import DEFAULTS, bad, manifest, write_chain
 from conftest import cli, run
 from distill_plugins.cli.chain import main as chain_main
-from distill_plugins.errors import DistillError
 from distill_plugins.teacher import sha256_file
-
-DEFAULTS = {
-    "cpu": True, "optimizer": "adam", "lr": "3e-3", "lr-scheduler": "inverse_sqrt", "warmup-updates": 5,
-    "max-tokens": 1024, "log-format": "simple", "log-interval": 1, "no-epoch-checkpoints": True, "seed": 1,
-    "num-workers": 0, "decoder-layers": 1, "decoder-ffn-embed-dim": 64, "decoder-attention-heads": 2,
-    "max-update": 6,
-}
-
 
 def chain_dict(data, assistant_args=None, student=None):
     """teacher (SFT, dim 48) -> assistant (kd, dim 40) -> student (dim 32, from teacher and assistant)."""
@@ -40,17 +32,6 @@ def chain_dict(data, assistant_args=None, student=None):
                                  "teacher-divergences": "kd,skew_kl", "decoder-embed-dim": 32}},
         ],
     }
-
-
-def write_chain(path, chain):
-    with open(path, "w") as f:
-        yaml.safe_dump(chain, f, sort_keys=False)
-    return str(path)
-
-
-def manifest(out):
-    with open(os.path.join(out, "manifest.json")) as f:
-        return json.load(f)
 
 
 def fingerprint_files(out, stages=("teacher", "assistant", "student")):
@@ -184,14 +165,6 @@ def test_interrupted_stage_resumes_without_retraining_finished_ones(data_bin, tm
 
 
 # -- bad input ---------------------------------------------------------------------------------------
-def bad(chain, tmp_path, *extra):
-    config = write_chain(tmp_path / "chain.yaml", chain)
-    with pytest.raises(DistillError) as e:
-        chain_main([config, "--output-dir", str(tmp_path / "out"), *extra])
-    assert "\n" not in e.value.message and not os.path.exists(tmp_path / "out")
-    return e.value.message
-
-
 def test_cycle_is_an_error(data_bin, tmp_path):
     chain = chain_dict(data_bin)
     chain["stages"][0]["teacher"] = "student"
@@ -271,70 +244,3 @@ def test_plan_for_started_stages(finished_chain, tmp_path, capsys):
     plan = capsys.readouterr().out
     assert "assistant  retrain  interrupted, and its checkpoint_last.pt is unreadable" in plan
     assert "student    retrain  its teacher 'assistant' is (re)trained" in plan
-
-
-# -- pretrained stages and evaluation ------------------------------------------------------------------
-def pretrained_chain(data, teacher, evaluate=None):
-    """An externally trained teacher (pretrained:) -> a student distilled from it, scored by Rouge-L."""
-    chain = {
-        "name": "pre",
-        "data": data,
-        "defaults": dict(DEFAULTS, **{"max-update": 4}),
-        "stages": [
-            {"name": "teacher", "pretrained": teacher},
-            {"name": "student", "arch": "kd_gpt2_tiny", "teacher": "teacher",
-             "args": {"criterion": "kd", "decoder-embed-dim": 32}},
-        ],
-    }
-    if evaluate is not None:
-        chain["evaluate"] = evaluate
-    return chain
-
-
-def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_path):
-    teacher = str(tmp_path / "teacher.pt")
-    shutil.copy(teacher_ckpt, teacher)
-    config = write_chain(tmp_path / "chain.yaml", pretrained_chain(
-        data_bin, teacher, evaluate={"seeds": [1], "batch-size": 16, "max-length": 96, "max-prompt-tokens": 64}))
-    out = str(tmp_path / "out")
-    first = run([cli("distill-chain"), config, "--output-dir", out]).stdout
-    m = manifest(out)
-    rec_t, rec_s = m["stages"]["teacher"], m["stages"]["student"]
-    assert rec_t["status"] == "pretrained" and rec_t["checkpoint"]["sha256"] == sha256_file(teacher)
-    assert rec_s["status"] == "done" and rec_s["teachers"][0]["sha256"] == sha256_file(teacher)
-    assert not os.path.exists(os.path.join(out, "teacher", "checkpoint_best.pt"))  # never trained
-    assert rec_t["parameters"] > rec_s["parameters"] > 0
-    for rec, name in ((rec_t, "teacher"), (rec_s, "student")):
-        score = rec["evaluation"]["sets"]["test"]
-        assert score["examples"] == 16 and score["seeds"] == 1 and 0.0 <= score["rouge_l"] <= 100.0
-        with open(os.path.join(out, rec["evaluation"]["path"])) as f:  # the distill-evaluate report itself
-            assert json.load(f)["runs"][0]["files"][0]["rouge_l"] == score["rouge_l"]
-    assert "Rouge-L per stage" in first and first.count("evaluating") == 2
-
-    # rerun: nothing trains and nothing is re-evaluated
-    again = run([cli("distill-chain"), config, "--output-dir", out]).stdout
-    assert "skipped" in again and "evaluating" not in again
-    assert manifest(out)["stages"]["student"]["checkpoint"] == rec_s["checkpoint"]
-
-    # the pretrained teacher is replaced: the change is reported, the student retrains, both re-evaluate
-    state = torch.load(teacher, map_location="cpu", weights_only=False)
-    state["model"]["decoder.embed_tokens.weight"].mul_(1.01)
-    torch.save(state, teacher)
-    third = run([cli("distill-chain"), config, "--output-dir", out]).stdout
-    assert "changed since the last run" in third and "retrain" in third
-    m = manifest(out)
-    assert m["stages"]["teacher"]["checkpoint"]["sha256"] == sha256_file(teacher)
-    assert m["stages"]["student"]["teachers"][0]["sha256"] == sha256_file(teacher)
-    assert third.count("evaluating") == 2
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c["stages"][0].update({"args": {"lr": 1}}), "is pretrained: it is not trained, so it takes no args"),
-    (lambda c: c["stages"][0].update({"pretrained": "/nonexistent.pt"}), "pretrained checkpoint /nonexistent.pt does not exist"),
-    (lambda c: c.update({"evaluate": {"seeds": ["x"]}}), "distill-evaluate rejects the options"),
-    (lambda c: c.update({"evaluate": {"json": "a.json"}}), "evaluate: sets --json, which the chain sets itself"),
-])
-def test_bad_pretrained_or_evaluate(data_bin, teacher_ckpt, tmp_path, edit, message):
-    chain = pretrained_chain(data_bin, teacher_ckpt)
-    edit(chain)
-    assert message in bad(chain, tmp_path)
