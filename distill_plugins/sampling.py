@@ -17,6 +17,7 @@ import torch
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from .data.prompt_response_dataset import collate_examples, join_prompt_response, prompt_batch
+from .prompt_prefill import decoder_step, supports_prefill
 
 
 class MixtureDecoder(FairseqIncrementalDecoder):
@@ -35,6 +36,16 @@ class MixtureDecoder(FairseqIncrementalDecoder):
             for d, lw in zip(self.members, self.log_w)
         ]
         return torch.logsumexp(torch.stack(parts), dim=0), {"attn": [None]}
+
+    def supports_prefill(self) -> bool:
+        return all(supports_prefill(d) for d in self.members)
+
+    def prefill_step(self, tokens, padding, positions, incremental_state, last_only: bool = True):
+        parts = [
+            torch.log_softmax(decoder_step(d, tokens, padding, positions, incremental_state, last_only).float(), -1) + lw
+            for d, lw in zip(self.members, self.log_w)
+        ]
+        return torch.logsumexp(torch.stack(parts), dim=0)
 
     def max_positions(self):
         return min(d.max_positions() for d in self.members)

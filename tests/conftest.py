@@ -120,8 +120,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def tiny_model(task, seed):
-    """An in-memory kd_gpt2_tiny (1 layer, 16 dims, no dropout) on ``task``'s dictionary."""
+def tiny_model(task, seed, **overrides):
+    """An in-memory kd_gpt2_tiny (1 layer, 16 dims, no dropout) on ``task``'s dictionary;
+    ``overrides``: other architecture arguments."""
     import argparse
 
     import torch
@@ -130,8 +131,9 @@ def tiny_model(task, seed):
     import distill_plugins  # noqa: F401
 
     torch.manual_seed(seed)
-    args = argparse.Namespace(arch="kd_gpt2_tiny", decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
-                              decoder_attention_heads=2, dropout=0.0, attention_dropout=0.0)
+    args = argparse.Namespace(**{**dict(arch="kd_gpt2_tiny", decoder_layers=1, decoder_embed_dim=16,
+                                        decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0,
+                                        attention_dropout=0.0), **overrides})
     ARCH_CONFIG_REGISTRY["kd_gpt2_tiny"](args)
     return ARCH_MODEL_REGISTRY["kd_gpt2_tiny"].build_model(args, task)
 

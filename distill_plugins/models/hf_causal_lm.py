@@ -280,6 +280,19 @@ class HFDecoder(FairseqIncrementalDecoder):
             logits = out.logits
         return _mask_absent_rows(logits, self.absent_rows), {"attn": [None], "inner_states": None}
 
+    def supports_prefill(self) -> bool:
+        return True
+
+    def prefill_step(self, tokens, padding, positions, incremental_state, last_only: bool = True):
+        """``prompt_prefill.decoder_step``: HF's own left-padding inputs (attention mask over the
+        cache and the new tokens, explicit position ids), cache in ``incremental_state``."""
+        state = self.get_incremental_state(incremental_state, "hf")
+        out = self.hf(input_ids=tokens, attention_mask=(~padding).long(), position_ids=positions,
+                      past_key_values=state["cache"] if state else None, use_cache=True,
+                      logits_to_keep=1 if last_only else 0)
+        self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
+        return _mask_absent_rows(out.logits, self.absent_rows)
+
     def reorder_incremental_state(self, incremental_state, new_order):
         state = self.get_incremental_state(incremental_state, "hf")
         if state and state["cache"] is not None:

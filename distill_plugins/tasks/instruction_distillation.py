@@ -32,6 +32,7 @@ from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
 from ..generated import student_data
 from ..generated.config import StudentDataConfig
 from ..generation import PromptSequenceGenerator
+from ..prefill_generator import PrefillGenerator, prefill_applicable
 from ..teacher import Teacher, dictionary_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
         default=0, metadata={"help": "score only the first N validation examples (0: all)"}
     )
     eval_rouge_print_samples: bool = field(default=False, metadata={"help": "log one sample per batch"})
+    no_prompt_prefill: bool = field(
+        default=False, metadata={"help": "generate with fairseq's SequenceGenerator, forcing the prompt token by "
+                                         "token, instead of one prefill pass (beam 1 only uses the prefill)"}
+    )
     valid_subset: str = II("dataset.valid_subset")
     # --lm-data: a pre-training corpus for an extra LM term (DistiLLM's / MiniLLM's OpenWebText loss)
     lm_data: Optional[str] = field(
@@ -215,6 +220,8 @@ class InstructionDistillationTask(FairseqTask):
 
     # -- generation ----------------------------------------------------------------------------
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        if seq_gen_cls is None and not self.cfg.no_prompt_prefill and prefill_applicable(models, args):
+            return PrefillGenerator(models[0], self.target_dictionary, args)
         return super().build_generator(
             models, args, seq_gen_cls=seq_gen_cls or PromptSequenceGenerator,
             extra_gen_cls_kwargs=extra_gen_cls_kwargs,

@@ -40,3 +40,17 @@ def test_kd_step_benchmark_reports_ours_and_reference(tmp_path):
                 "peak_memory ours/reference"):
         assert positive(data["ratios"][key])
     assert "| ours |" in table and "| reference |" in table
+
+
+def test_generation_benchmark_reports_prefill_and_reference(tmp_path):
+    data, table = bench("generation", tmp_path, "--repeats", "1", "--warmup", "0")
+    assert set(data["results"]) == {"reference", "prefill"}
+    assert data["results"]["prefill"]["generator"] == "PrefillGenerator"
+    for name, res in data["results"].items():
+        for key in ("tokens", "tokens_per_s", "responses_per_s", "wall_s", "cpu_s", "peak_extra_mib"):
+            assert positive(res[key]), (name, key, res)
+    assert data["same_outputs"] is True  # greedy: both generators produce the same tokens
+    assert data["results"]["prefill"]["tokens"] == data["results"]["reference"]["tokens"]
+    for key in ("tokens_per_s prefill/reference", "wall_s prefill/reference", "peak_memory prefill/reference"):
+        assert positive(data["ratios"][key])
+    assert "| prefill |" in table and "| reference |" in table
