@@ -1,4 +1,5 @@
-"""Prompt-conditioned generation with fairseq's SequenceGenerator.
+"""Prompt-conditioned generation with fairseq's SequenceGenerator (beam search, --no-prompt-prefill;
+beam 1 otherwise uses ``prefill_generator.PrefillGenerator``).
 
 A decoder-only LM is given its prompt as forced prefix tokens (fairseq's ``language_modeling``
 does the same), with incremental decoding. One fix: fairseq applies ``--no-repeat-ngram-size``

@@ -1,7 +1,8 @@
 """Sampling responses inside the training loop (ImitKD, GKD, DistiLLM, MiniLLM rollouts).
 
-Uses fairseq's SequenceGenerator through the task (prompt forced token by token, incremental
-decoding, top-p and temperature), so training-time generation and evaluation share one code path.
+Uses the task's generator (``PrefillGenerator`` for beam 1: one prompt prefill, incremental
+decoding, fairseq's top-p and temperature), so training-time generation and evaluation share one
+code path.
 ``MixtureLM`` samples from (1 - a) q_student + a p_teacher per step: MiniLLM's teacher-mixed
 sampling (spec section 2), without a patched ``generate``.
 

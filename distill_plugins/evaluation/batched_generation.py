@@ -3,8 +3,9 @@
 Prompts are tokenized with the data directory's tokenizer and cut to their first
 ``max_prompt_tokens`` tokens (DistiLLM's evaluation, spec section 5). They go through the task's
 dataset and batching (``PromptResponseDataset`` with an empty response, length-sorted batches), then
-``task.inference_step``: fairseq's SequenceGenerator forces each prompt token by token (variable
-lengths in one batch) with incremental decoding and returns only the response tokens.
+``task.inference_step``: for beam 1 ``PrefillGenerator`` (all prompts in one left-padded pass, then
+incremental decoding), for beam search fairseq's SequenceGenerator (prompt forced token by token);
+only the response tokens are returned.
 """
 import time
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """Sample responses for a batch's prompts and turn them into correctly labelled training examples.
 
-Generation is ``sampling.generate_responses`` (fairseq's SequenceGenerator through the task: the
-prompt is forced, incremental decoding, top-p and temperature), with a budget of
+Generation is ``sampling.generate_responses`` (the task's generator: one prompt prefill,
+incremental decoding, top-p and temperature), with a budget of
 ``max_new_tokens`` per row like Hugging Face's ``max_new_tokens``: the batch may decode one token
 past the longest prompt + budget, then each response is cut to ``max_new_tokens`` tokens (a
 response that stopped in time keeps its EOS; a cut one has none, as in DistiLLM/MiniLLM).
