@@ -37,7 +37,6 @@ class PrefillGenerator:
     def __init__(self, model, tgt_dict, args):
         self.model = model
         self.pad, self.eos, self.unk = tgt_dict.pad(), tgt_dict.eos(), tgt_dict.unk()
-        self.vocab_size = len(tgt_dict)
         self.sampling = bool(getattr(args, "sampling", False))
         self.search = search.Sampling(tgt_dict, getattr(args, "sampling_topk", -1), getattr(args, "sampling_topp", -1.0))
         self.temperature = float(getattr(args, "temperature", 1.0))
@@ -72,7 +71,10 @@ class PrefillGenerator:
         padding = source < 0
         tokens = rows.gather(1, source.clamp(min=0)).masked_fill(padding, self.pad)
         positions = ((~padding).long().cumsum(1) - 1).clamp(min=0)
-        history = tokens.masked_fill(tokens.eq(bos) & (source == 0), self.pad)  # n-gram history has no BOS
+        # n-gram history (only with blocking): NGramBlocker reads tokens[:, 1:], and the BOS is no history
+        history = tokens.masked_fill(tokens.eq(bos) & (source == 0), self.pad) if self.blocker else None
+        if history is not None:
+            history = torch.cat([history.new_full((bsz, 1), self.pad), history], 1)
 
         responses: List[List[int]] = [[] for _ in range(bsz)]
         scores: List[List[float]] = [[] for _ in range(bsz)]
@@ -88,7 +90,8 @@ class PrefillGenerator:
                 if keep.numel() == 0:
                     break
                 alive, step, logits, padding = alive[keep], step[keep], logits[keep], padding[keep]
-                history, next_position = history[keep], next_position[keep]
+                next_position = next_position[keep]
+                history = history[keep] if history is not None else None
                 self.model.decoder.reorder_incremental_state_scripting(state, keep)
             token, token_score = self._choose(logits, step, max_len, history)
             for r, t, s in zip(alive.tolist(), token.tolist(), token_score.tolist()):
@@ -98,7 +101,8 @@ class PrefillGenerator:
             step = step + 1
             if bool(done.all()):
                 break
-            history = torch.cat([history, token.unsqueeze(1)], 1)
+            if history is not None:
+                history = torch.cat([history, token.unsqueeze(1)], 1)
             padding = torch.cat([padding, padding.new_zeros(padding.size(0), 1)], 1)
             logits = decoder_step(self.model.decoder, token.unsqueeze(1), padding, next_position.unsqueeze(1),
                                   state)[:, -1]
@@ -118,8 +122,7 @@ class PrefillGenerator:
             lprobs[at_max, self.eos] = eos_lprob
         lprobs[step < self.min_len, self.eos] = -math.inf
         if self.blocker is not None:
-            padded = torch.cat([history.new_full((history.size(0), 1), self.pad), history], 1)
-            lprobs = self.blocker(padded, lprobs, lprobs.size(0), 1, padded.size(1) - 1)
+            lprobs = self.blocker(history, lprobs, lprobs.size(0), 1, history.size(1) - 1)
         if self.sampling:
             _, token, _ = self.search.step(0, lprobs.unsqueeze(1).clone(), None)
             token = token.view(-1)

@@ -29,24 +29,22 @@ class MixtureDecoder(FairseqIncrementalDecoder):
         self.members = torch.nn.ModuleList(decoders)
         self.register_buffer("log_w", torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]))
 
+    def _log_mixture(self, member_logits) -> torch.Tensor:
+        parts = [torch.log_softmax(x.float(), dim=-1) + lw for x, lw in zip(member_logits, self.log_w)]
+        return torch.logsumexp(torch.stack(parts), dim=0)
+
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         # Each member keys its cache by its own module ids, so one incremental_state dict serves all
         # (and fairseq's reorder_incremental_state_scripting already walks the members' modules).
-        parts = [
-            torch.log_softmax(d(prev_output_tokens, incremental_state=incremental_state)[0].float(), dim=-1) + lw
-            for d, lw in zip(self.members, self.log_w)
-        ]
-        return torch.logsumexp(torch.stack(parts), dim=0), {"attn": [None]}
+        logits = [d(prev_output_tokens, incremental_state=incremental_state)[0] for d in self.members]
+        return self._log_mixture(logits), {"attn": [None]}
 
     def supports_prefill(self) -> bool:
         return all(supports_prefill(d) for d in self.members)
 
     def prefill_step(self, tokens, padding, positions, incremental_state, last_only: bool = True):
-        parts = [
-            torch.log_softmax(decoder_step(d, tokens, padding, positions, incremental_state, last_only).float(), -1) + lw
-            for d, lw in zip(self.members, self.log_w)
-        ]
-        return torch.logsumexp(torch.stack(parts), dim=0)
+        return self._log_mixture([decoder_step(d, tokens, padding, positions, incremental_state, last_only)
+                                  for d in self.members])
 
     def max_positions(self):
         return min(d.max_positions() for d in self.members)
