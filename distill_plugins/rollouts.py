@@ -9,13 +9,17 @@ response token y_t (the positions where ``target != pad``, in order):
                    teacher-mixed sampling from (1 - a) q + a p (Gu et al. 2024, section 2.2)
 
 ``RolloutStore`` replays one collection for ``ppo_epochs`` passes, each in a fresh random order,
-as minibatches; it is emptied afterwards (no replay across collections, as in MiniLLM).
+as minibatches; it is emptied afterwards (no replay across collections, as in MiniLLM). Its
+``state_dict`` (the rollouts packed by ``data/example_packing.py``, the rest of the current pass, the
+passes done and the shuffling generator) goes into the checkpoint, so a resumed run continues the
+collection it was in.
 """
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from .data.example_packing import pack_examples, unpack_examples
 from .data.prompt_response_dataset import collate_examples
 from .policy_gradient import mixture_importance_weights, teacher_token_log_probs, token_log_probs
 from .sampling import MixtureLM, batch_from_responses, generate_responses
@@ -127,3 +131,16 @@ class RolloutStore:
         if not self.order and self.epochs_done >= self.ppo_epochs:
             self.rollouts = []  # cleared after its last pass
         return batch
+
+    # -- checkpoint state ---------------------------------------------------------------------------
+    def state_dict(self, pad: int) -> dict:
+        name, keys, pos, has_gauss, gauss = self.rng.get_state()
+        return {"rollouts": pack_examples(self.rollouts, pad, ROLLOUT_FIELDS), "order": [int(i) for i in self.order],
+                "epochs_done": self.epochs_done, "rng": [name, [int(k) for k in keys], int(pos), int(has_gauss),
+                                                          float(gauss)]}
+
+    def load_state_dict(self, state: dict):
+        self.rollouts = unpack_examples(state["rollouts"], ROLLOUT_FIELDS)
+        self.order, self.epochs_done = list(state["order"]), int(state["epochs_done"])
+        name, keys, pos, has_gauss, gauss = state["rng"]
+        self.rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -7,7 +7,8 @@ contiguous blocks of ``tokens_per_sample`` + 1 tokens with a label on every posi
 (source = block[:-1], target = block[1:]); or a ``distill-prepare`` directory, whose responses are
 the labels (``train.src-tgt.*``, ``dict.src.txt``). ``LMCorpus.batch(n, device)`` returns the next
 n sequences of a seeded random order, this worker's share (``ShardedOrder``, stream 2), collated
-like the task's batches. The order restarts on resume (it is not checkpointed).
+like the task's batches. The order's position is saved in the task state and restored on resume
+(``ShardedOrder.state_dict``).
 """
 import logging
 import os

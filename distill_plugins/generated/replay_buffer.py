@@ -3,17 +3,16 @@
 A FIFO of capacity ``--replay-buffer-size`` (oldest generations fall out first), kept on the CPU,
 sampled uniformly without replacement. Each worker keeps its own buffer of its own generations.
 
-``state_dict`` packs the contents for a checkpoint as token tensors, not padded batches: each
-``join_prompt_response`` example (source = [EOS] + x[:-1], target = pads over the prompt + x[P:])
-is stored once as x' = source + target[-1:] (its L + 1 tokens), with its id and prompt length P;
-``load_state_dict`` rebuilds source = x'[:-1], target = x'[1:] with the first P labels padded.
-About (L + 1) * 4 bytes a sequence (2 with a vocabulary under 32k): 1000 x 512 tokens ~ 2 MB.
+``state_dict`` packs the contents for a checkpoint as token tensors, not padded batches
+(``data/example_packing.py``): 1000 x 512 tokens ~ 1 MB.
 """
 import random
 from collections import deque
 from typing import Dict, List
 
 import torch
+
+from ..data.example_packing import pack_examples, unpack_examples
 
 
 class ReplayBuffer:
@@ -44,32 +43,14 @@ class ReplayBuffer:
 
     # -- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self, pad: int) -> dict:
-        """The contents (oldest first) as one flat token tensor + per-sequence lengths, ids and prompt
-        lengths, and the sampling generator's state. Plain tensors, ints and lists only, so that
-        fairseq's ``weights_only`` checkpoint loading accepts them."""
-        seqs = [torch.cat([ex["source"], ex["target"][-1:]]) for ex in self.items]
-        flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
-        small = flat.numel() == 0 or int(flat.max()) < 2 ** 15
+        """The contents (oldest first, ``pack_examples``) and the sampling generator's state."""
         version, internal, gauss = self.rng.getstate()
-        return {
-            "tokens": flat.to(torch.int16 if small else torch.int32),
-            "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
-            "ids": torch.tensor([int(ex["id"]) for ex in self.items], dtype=torch.long),
-            "prompt_lengths": torch.tensor([int(ex["prompt_length"]) for ex in self.items], dtype=torch.long),
-            "pad": int(pad),
-            "rng": [version, list(internal), gauss],
-        }
+        return {**pack_examples(self.items, pad), "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict, restore_rng: bool = True):
         """Replace the contents by the saved ones (the newest ``capacity`` if the capacity shrank)."""
-        pad = int(state["pad"])
         self.items.clear()
-        flat = state["tokens"].long()
-        for seq, i, n_prompt in zip(torch.split(flat, state["lengths"].tolist()), state["ids"].tolist(),
-                                    state["prompt_lengths"].tolist()):
-            target = seq[1:].clone()
-            target[:n_prompt] = pad
-            self.items.append({"id": i, "source": seq[:-1].clone(), "target": target, "prompt_length": n_prompt})
+        self.items.extend(unpack_examples(state))
         if restore_rng and state.get("rng") is not None:
             version, internal, gauss = state["rng"]
             self.rng.setstate((version, tuple(internal), gauss))

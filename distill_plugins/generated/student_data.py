@@ -18,8 +18,8 @@ it keeps only the first n of its (randomly drawn) examples with n * longest <= `
 (fairseq's own padded-batch measure; at least one example), and at most ``--batch-size``.
 
 Resume: tau, the reference dev loss and the replay buffer's contents (token tensors, see
-``replay_buffer``) and sampling state are saved in the task state. fairseq's trainer does not hand
-the task state back on resume, so they are read from the restored checkpoint at the first step.
+``replay_buffer``) and sampling state are saved in the task state, and restored from the resumed
+checkpoint at the first step (``distill_plugins/resume.py``).
 With several data-parallel workers only rank 0's buffer is saved (fairseq writes the checkpoint,
 and calls the task's ``state_dict``, on rank 0 alone); on resume every worker, whatever their number
 now, starts from a copy of it and samples it with its own random stream (rank 0 also gets its
@@ -29,7 +29,6 @@ restored the same copy may replay the same sequence in one update while the copi
 import json
 import logging
 import math
-import os
 import time
 from typing import Dict, List, Optional
 
@@ -39,6 +38,7 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.logging import metrics
 
 from ..data.prompt_response_dataset import collate_examples
+from ..data.sharded_order import rank_and_world
 from ..errors import DistillError, check
 from . import schedule
 from .replay_buffer import ReplayBuffer
@@ -93,8 +93,7 @@ class StudentData:
         self.cfg, self.task = cfg, task
         self.mode = str(cfg.student_data_mode)  # a fairseq StrEnum: plain str for pickling
         self.seed = int(cfg.seed)
-        self.rank = dist_utils.get_data_parallel_rank() if torch.distributed.is_initialized() else 0
-        self.world = dist_utils.get_data_parallel_world_size() if torch.distributed.is_initialized() else 1
+        self.rank, self.world = rank_and_world()
         self.buffer = ReplayBuffer(cfg.replay_buffer_size, seed=self.seed * 1000 + self.rank)
         self.threshold = schedule.AdaptiveThreshold(cfg.adaptive_tau_init, cfg.adaptive_loss_eps)
         self.restored_fill: Optional[int] = None
@@ -128,26 +127,14 @@ class StudentData:
                        else f" (rank {state.get('buffer_rank', 0)}'s buffer of {state.get('world', 1)} workers, "
                             f"now rank {self.rank} of {self.world})"))
 
-    def _checkpoint_path(self) -> Optional[str]:
-        restore = getattr(self.cfg, "restore_file", "checkpoint_last.pt")
-        if restore == "checkpoint_last.pt":
-            return os.path.join(self.cfg.save_dir, "checkpoint_last.pt")
-        return restore
-
     def _start(self, task, model, criterion, update_num: int):
-        """First step: restore the state of a resumed run, or measure the initial model's dev loss."""
+        """First step: restore the state of a resumed run (read by the task), or measure the initial
+        model's dev loss."""
         self._started = True
-        path = self._checkpoint_path() if update_num > 0 else None
-        if path and os.path.isfile(path):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            except RuntimeError:  # not a zip checkpoint: mmap unsupported
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            saved = (state.get("task_state") or {}).get("student_data")
-            del state
-            if saved:
-                self.load_state_dict(saved)
-                return
+        saved = task.restored_state.get("student_data")
+        if saved:
+            self.load_state_dict(saved)
+            return
         if self.mode == "adaptive" and self.threshold.prev_loss is None:
             loss = self.initial_dev_loss(task, model, criterion)
             if loss is not None:

@@ -33,6 +33,7 @@ from ..generated import student_data
 from ..generated.config import StudentDataConfig
 from ..generation import PromptSequenceGenerator
 from ..prefill_generator import PrefillGenerator, prefill_applicable
+from ..resume import restored_task_state
 from ..teacher import Teacher, dictionary_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class InstructionDistillationTask(FairseqTask):
         check(cfg.lm_batch_size is None or cfg.lm_batch_size >= 1,
               f"--lm-batch-size must be >= 1, got {cfg.lm_batch_size}")
         self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
+        self.restored_state: Optional[dict] = None  # the resumed checkpoint's task state, read at the first step
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -207,7 +209,19 @@ class InstructionDistillationTask(FairseqTask):
             "dictionary": dictionary_fingerprint(self.dictionary),
             "teachers": [t.record() for t in self.teachers],
             "student_data": self.student_data.state_dict() if self.student_data is not None else None,
+            "lm_order": self.lm_corpus.order.state_dict() if self.lm_corpus is not None else None,
         }
+
+    def restore_training_state(self, update_num: int):
+        """At the first train_step: read the resumed checkpoint's task state (``resume.py``) and
+        continue where it stopped (the --lm-data order here; the replay buffer in StudentData)."""
+        if self.restored_state is not None:
+            return
+        self.restored_state = restored_task_state(self.cfg, update_num)
+        saved = self.restored_state.get("lm_order")
+        if saved and self.lm_corpus is not None:
+            self.lm_corpus.order.load_state_dict(saved)
+            logger.info(f"--lm-data order restored at epoch {saved['epoch']}, position {saved['pos']}")
 
     def load_state_dict(self, state_dict):
         previous = [t["sha256"] for t in (state_dict or {}).get("teachers", [])]
@@ -273,6 +287,7 @@ class InstructionDistillationTask(FairseqTask):
 
     # -- student-generated data (--student-data-mode) -----------------------------------------------
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.restore_training_state(update_num)
         extra = {}
         if self.student_data is not None:  # may replace the batch by student generations or a replay
             sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num)

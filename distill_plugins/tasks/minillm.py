@@ -13,7 +13,12 @@ and runs forward/backward with the criterion; the fairseq batch itself only sets
 prompts come from the store). The store is replayed for ``--ppo-epochs`` passes in a fresh random
 order each, then cleared, so one collection lasts about ppo_epochs * num_rollouts / batch_size
 micro-batches. A pass never spills into the next; the last minibatch of a pass may be smaller.
-The store is not checkpointed: a resumed run starts with a fresh collection.
+Resume: the store (rollouts, the rest of the current pass, the shuffling state), the prompt order
+and the --lm-data order are saved in the task state and restored at the first step, so a resumed
+single-worker run trains on what an uninterrupted one would (fairseq reseeds torch per update).
+fairseq writes the checkpoint on rank 0 alone: with several workers rank 0 resumes its own store
+and the others start a new collection; every worker continues the prompt order at rank 0's position
+(all take the same number of prompts per collection).
 
 The student is in eval mode (no dropout) during rollouts and training (MiniLLM model.py). With
 ``--lm-data`` each minibatch also gets a language-modelling batch for the criterion's L_pt term
@@ -34,12 +39,11 @@ from typing import Optional
 
 import torch
 from fairseq.data import Dictionary
-from fairseq.distributed import utils as distributed_utils
 from fairseq.models import BaseFairseqModel
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 
-from ..data.sharded_order import ShardedOrder
+from ..data.sharded_order import ShardedOrder, rank_and_world
 from ..errors import DistillError, check
 from ..rollouts import RolloutStore, collect_rollouts, rollout_batch, sampler_model, to_device
 from ..sampling import generation_args
@@ -87,11 +91,40 @@ class MiniLLMTask(InstructionDistillationTask):
         self._prompt_order = None  # ShardedOrder over the training prompts, built at the first collection
         self.collections = 0
 
+    # -- checkpoint state ------------------------------------------------------------------------
+    def state_dict(self):
+        rank, world = rank_and_world()
+        return {**super().state_dict(), "minillm": {
+            "store": self.store.state_dict(self.dictionary.pad()), "collections": self.collections,
+            "prompt_order": self._prompt_order.state_dict() if self._prompt_order is not None else None,
+            "rank": rank, "world": world}}
+
+    def restore_training_state(self, update_num: int):
+        if self.restored_state is not None:
+            return
+        super().restore_training_state(update_num)
+        saved = self.restored_state.get("minillm")
+        if not saved:
+            return
+        self.collections = int(saved["collections"])
+        if saved["prompt_order"] is not None:
+            self._prompt_order = ShardedOrder(len(self.datasets["train"]), self.cfg.seed, PROMPT_STREAM)
+            self._prompt_order.load_state_dict(saved["prompt_order"])
+        if (int(saved["rank"]), int(saved["world"])) == rank_and_world():
+            self.store.load_state_dict(saved["store"])
+            left = "exhausted" if self.store.exhausted() else (
+                f"{len(self.store.rollouts)} rollouts, pass {self.store.epochs_done} of {self.cfg.ppo_epochs}, "
+                f"{len(self.store.order)} left in it")
+            logger.info(f"resumed collection {self.collections}: {left}")
+        else:
+            logger.info(f"resumed at collection {self.collections} with rank {saved['rank']} of {saved['world']}'s "
+                        f"state; this worker starts a new collection")
+
     # -- rollouts --------------------------------------------------------------------------------
     def collect(self, model, device):
         """Fill the store with a new collection sampled from ``model`` (eval mode, no gradient)."""
         teacher = self.teacher
-        world = max(distributed_utils.get_data_parallel_world_size(), 1) if _distributed() else 1
+        world = rank_and_world()[1]
         n = math.ceil(self.cfg.num_rollouts / world)
         alpha = self.cfg.teacher_mixed_alpha
         first = next(teacher.model.parameters())
@@ -121,6 +154,7 @@ class MiniLLMTask(InstructionDistillationTask):
         self.collections += 1
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.restore_training_state(update_num)
         model.eval()  # MiniLLM trains and samples without dropout
         model.set_num_updates(update_num)
         base = unwrapped(model)  # sampling and scoring bypass the DDP wrapper (no gradient)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one call (about 8 minutes on an H100/H200), for a session that is
+# lent one. On the CPU machine first: bash scripts/gpu_wheels.sh (fills ./.whl). Then, through the
+# device tool, with .whl carried:   bash benchmarks/gpu_checks.sh
+# Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
+#
+#   kernels   tests/gpu (Triton KD kernels against float64 references)
+#   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
+#             fused Triton loss) and the plain HF reference in one run; then ours with --compile-teacher
+#   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
+#   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
+#   minillm   examples/minillm/gpu_smoke.sh (MINILLM_UPDATES updates, default 24)
+# STAGES="kernels step" runs a subset; DEVICE=cpu SMALL=1 runs the plumbing at tiny size on a CPU
+# (every stage but minillm).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu_checks}
+DEVICE=${DEVICE:-cuda}
+SMALL=${SMALL:-0}
+STAGES=${STAGES:-kernels step loss generate $([ "$SMALL" = 1 ] || echo minillm)}
+R=$(mktemp -d)/gpu_checks
+mkdir -p "$OUT" "$R"
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu_checks.log") 2>&1
+if ! python3 -c "import fairseq" 2>/dev/null; then
+  [ -d .whl ] || { echo "no fairseq and no ./.whl: run scripts/gpu_wheels.sh on the CPU machine and carry .whl"; exit 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import torch, fairseq; print('torch', torch.__version__, 'fairseq', fairseq.__version__,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+
+stage() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  case " $STAGES " in *" ${name%%_*} "*) ;; *) return 0 ;; esac  # step_compile belongs to step
+  echo "== $name ($(date +%T), limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > >(tee "$R/$name.log") 2>&1
+  echo "== $name: exit $? in $((SECONDS - t0))s"
+}
+if [ "$SMALL" = 1 ]; then
+  STEP=(--preset cpu-tiny --warmup 1 --steps 1); LOSS=(--preset cpu-tiny); GEN=(--preset cpu-tiny)
+else
+  STEP=(--preset gpt2-xl-base --warmup 2 --steps 4 --precision bf16 --teacher-dtype bf16)
+  LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
+fi
+stage kernels 150 python3 -m pytest -q tests/gpu
+stage step 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --json "$R/step.json"
+stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
+  --compile-teacher --json "$R/step_compile.json"
+for d in forward_kl reverse_kl skew_kl; do
+  stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
+done
+stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
+stage minillm 240 env OUT="$R/minillm" UPDATES="${MINILLM_UPDATES:-24}" bash examples/minillm/gpu_smoke.sh
+tar -czf "$OUT/gpu_checks.tar.gz" -C "$(dirname "$R")" gpu_checks
+echo "== done: $OUT/gpu_checks.log, $OUT/gpu_checks.tar.gz"

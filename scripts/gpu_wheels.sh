@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Fetches, on this (CPU) machine, the wheels that the GPU machine lacks into ./.whl (git-ignored), for
+# Python 3.12 on x86-64: fairseq (ve-fairseq), hydra/omegaconf/antlr4, bitarray, cffi, rouge-score, nltk.
+# The GPU image already has torch, triton, numpy, sentencepiece, sacrebleu, transformers and
+# safetensors. benchmarks/gpu_checks.sh installs these with --no-deps into /tmp/site. About 23 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+pip_() { python3 -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip_ download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl \
+  ve-fairseq==0.12.3 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3 cffi==2.1.1 nltk==3.10.4
+# pure-Python packages published as source only: built here, they run anywhere
+pip_ wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 rouge-score==0.1.2
+ls .whl
