@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one call (about 8 minutes on an H100/H200), for a session that is
-# lent one. On the CPU machine first: bash scripts/gpu_wheels.sh (fills ./.whl). Then, through the
-# device tool, with .whl carried:   bash benchmarks/gpu_checks.sh
+# Every check that needs a GPU, for a session that is lent one. On the CPU machine first:
+# bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
+#   STAGES="kernels step loss generate" bash benchmarks/gpu_checks.sh      (about 7 minutes)
+#   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 4 minutes)
 # Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
 #
 #   kernels   tests/gpu (Triton KD kernels against float64 references)

@@ -339,6 +339,7 @@ def main(argv=None):
     device = measure.device_of(args.device)
     logging.getLogger("fairseq").setLevel(logging.WARNING)
     logging.getLogger("distill_plugins").setLevel(logging.WARNING)
+    logging.getLogger("filelock").setLevel(logging.WARNING)  # torch.compile's cache locks, at DEBUG otherwise
     peak_flops = args.peak_flops or measure.DEFAULT_PEAK_FLOPS.get(device.type) or measure.matmul_rate(device)
     results = {}
     with tempfile.TemporaryDirectory() as data_dir:

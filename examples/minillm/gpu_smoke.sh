@@ -2,13 +2,13 @@
 # MiniLLM on one GPU, small and quick (a few minutes): the bundled Dolly subset, a kd_gpt2_mini teacher
 # and a kd_gpt2_tiny student fine-tuned first, then MiniLLM with the spec's coefficients in fp16, and
 # the reverse KL on the test prompts before and after. Writes $OUT (default results/minillm_gpu).
-# On a machine without fairseq, wheels from ./.whl are installed first (scripts/setup_env.sh makes them).
+# On a machine without fairseq, the wheels in ./.whl (scripts/gpu_wheels.sh) are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 if ! $PY -c "import fairseq" 2>/dev/null; then
-  $PY -m pip install -q --no-index --find-links .whl ve-fairseq==0.12.3 fairscale==0.4.13
-  $PY -m pip install -q --no-index --no-deps --find-links .whl rouge-score nltk  # imported, Rouge-L not run here
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package, without installing it
 OUT=${OUT:-results/minillm_gpu}
