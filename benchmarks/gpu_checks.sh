@@ -2,7 +2,7 @@
 # Every check that needs a GPU, for a session that is lent one. On the CPU machine first:
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
 #   STAGES="kernels step loss generate" bash benchmarks/gpu_checks.sh      (about 7 minutes)
-#   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 4 minutes)
+#   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
 # Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
 #
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
@@ -10,7 +10,8 @@
 #             fused Triton loss) and the plain HF reference in one run; then ours with --compile-teacher
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
-#   minillm   examples/minillm/gpu_smoke.sh (MINILLM_UPDATES updates, default 24)
+#   minillm   examples/minillm/gpu_smoke.sh at GPT-2 XL -> base shapes (MINILLM_SIZE=gpt2, the default;
+#             small: the mini -> tiny smoke run), MINILLM_UPDATES updates (default 32)
 # STAGES="kernels step" runs a subset; DEVICE=cpu SMALL=1 runs the plumbing at tiny size on a CPU
 # (every stage but minillm).
 set -uo pipefail
@@ -55,6 +56,7 @@ for d in forward_kl reverse_kl skew_kl; do
   stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
 done
 stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
-stage minillm 240 env OUT="$R/minillm" UPDATES="${MINILLM_UPDATES:-24}" bash examples/minillm/gpu_smoke.sh
+stage minillm 540 env OUT="$R/minillm" SIZE="${MINILLM_SIZE:-gpt2}" UPDATES="${MINILLM_UPDATES:-32}" \
+  bash examples/minillm/gpu_smoke.sh
 tar -czf "$OUT/gpu_checks.tar.gz" -C "$(dirname "$R")" gpu_checks
 echo "== done: $OUT/gpu_checks.log, $OUT/gpu_checks.tar.gz"

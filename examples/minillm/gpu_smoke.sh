@@ -2,6 +2,9 @@
 # MiniLLM on one GPU, small and quick (a few minutes): the bundled Dolly subset, a kd_gpt2_mini teacher
 # and a kd_gpt2_tiny student fine-tuned first, then MiniLLM with the spec's coefficients in fp16, and
 # the reverse KL on the test prompts before and after. Writes $OUT (default results/minillm_gpu).
+# SIZE=gpt2 takes the spec's shapes instead: a kd_gpt2_xl (1.5B) teacher and a kd_gpt2_base (124M)
+# student, both fine-tuned from random init in fp16 first (no GPT-2 weights can be fetched here, so
+# only the shapes, memory and speed are realistic), 8k SentencePiece vocabulary, lr 5e-6 as MiniLLM.
 # On a machine without fairseq, the wheels in ./.whl (scripts/gpu_wheels.sh) are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,21 +17,28 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the pack
 OUT=${OUT:-results/minillm_gpu}
 W=${W:-/tmp/minillm_gpu}
 UPDATES=${UPDATES:-48}
+if [ "${SIZE:-small}" = gpt2 ]; then
+  TEACHER_ARCH=kd_gpt2_xl STUDENT_ARCH=kd_gpt2_base VOCAB=8000 SFT_LR=3e-4 LR=${LR:-5e-6} HALF=(--fp16)
+  TEACHER_UPDATES=${TEACHER_UPDATES:-150} SFT_UPDATES=${SFT_UPDATES:-150} ROLLOUT_BATCH=32
+else
+  TEACHER_ARCH=kd_gpt2_mini STUDENT_ARCH=kd_gpt2_tiny VOCAB=4000 SFT_LR=1e-3 LR=${LR:-1e-4} HALF=()
+  TEACHER_UPDATES=${TEACHER_UPDATES:-300} SFT_UPDATES=${SFT_UPDATES:-200} ROLLOUT_BATCH=64
+fi
 mkdir -p "$OUT" "$W"
 show() { grep -E "train_inner|valid on|collection|done training|rror" || true; }
 $PY -m distill_plugins.cli.prepare --train examples/dolly/data/train.jsonl --valid examples/dolly/data/valid.jsonl \
-  --test examples/dolly/data/test.jsonl --destdir "$W/data" --vocab-size 4000 --overwrite | tail -1
+  --test examples/dolly/data/test.jsonl --destdir "$W/data" --vocab-size $VOCAB --overwrite | tail -1
 TRAIN=($PY -m fairseq_cli.train "$W/data" --user-dir distill_plugins --task instruction_distillation
-  --optimizer adam --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 30 --clip-norm 1.0 --max-tokens 8192
-  --log-format simple --log-interval 50 --no-epoch-checkpoints --seed 1 --num-workers 0 --criterion cross_entropy)
-"${TRAIN[@]}" --arch kd_gpt2_mini --max-update 300 --save-dir "$W/teacher" 2>&1 | show
-"${TRAIN[@]}" --arch kd_gpt2_tiny --max-update 200 --save-dir "$W/student_sft" 2>&1 | show
+  --optimizer adam --lr $SFT_LR --lr-scheduler inverse_sqrt --warmup-updates 30 --clip-norm 1.0 --max-tokens 8192
+  --log-format simple --log-interval 50 --no-epoch-checkpoints --seed 1 --num-workers 0 --criterion cross_entropy ${HALF[@]+"${HALF[@]}"})
+"${TRAIN[@]}" --arch $TEACHER_ARCH --max-update "$TEACHER_UPDATES" --save-dir "$W/teacher" 2>&1 | show
+"${TRAIN[@]}" --arch $STUDENT_ARCH --max-update "$SFT_UPDATES" --save-dir "$W/student_sft" 2>&1 | show
 $PY -m fairseq_cli.train "$W/data" --user-dir distill_plugins --task minillm --criterion minillm --fp16 \
-  --arch kd_gpt2_tiny --finetune-from-model "$W/student_sft/checkpoint_best.pt" \
+  --arch $STUDENT_ARCH --finetune-from-model "$W/student_sft/checkpoint_best.pt" \
   --teacher-path "$W/teacher/checkpoint_best.pt" --teacher-dtype fp16 \
-  --num-rollouts 256 --rollout-batch-size 64 --rollout-max-new-tokens 128 --ppo-epochs 4 --batch-size 16 \
+  --num-rollouts 256 --rollout-batch-size $ROLLOUT_BATCH --rollout-max-new-tokens 128 --ppo-epochs 4 --batch-size 16 \
   --lm-data "$W/data" --optimizer adam --adam-betas "(0.9,0.95)" --weight-decay 1e-6 --clip-norm 1.0 \
-  --lr 1e-4 --lr-scheduler fixed --warmup-updates 10 --max-update "$UPDATES" --log-format simple \
+  --lr $LR --lr-scheduler fixed --warmup-updates 10 --max-update "$UPDATES" --log-format simple \
   --log-interval 8 --no-epoch-checkpoints --seed 1 --num-workers 0 --save-dir "$W/student_minillm" \
   2>&1 | tee "$OUT/minillm_train.log" | show
 for m in student_sft/checkpoint_best.pt student_minillm/checkpoint_last.pt; do
