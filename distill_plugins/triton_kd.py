@@ -1,4 +1,4 @@
-"""One-kernel KD loss on GPU (Triton): loss and gradient in three passes over each vocabulary row.
+"""One-kernel KD loss on GPU (Triton): loss and gradient in two or three passes over each vocabulary row.
 
     loss = (1 - r) * sum_i CE(s_i, y_i) + r * sum_i D(p_i || q_i)
 
@@ -9,7 +9,9 @@ divergence and H = sum_v h_v, pass 3 writes the gradient w.r.t. the student logi
 
     dD/ds_j = (1 / T) (h_j - q_j H),   h_v = q_v dD/dq_v  (0 at excluded entries)
 
-so the logits are read two or three times in their own dtype and the gradient written once; every
+Forward and reverse KL need no pass 2: their divergence and H follow from sums accumulated online in
+pass 1 beside the normalizer of p (forward) or q (reverse), rescaled with it (``_online_weighted``).
+So the logits are read two or three times in their own dtype and the gradient written once; every
 intermediate stays in registers in float32 (no [N, V] float32 tensor exists). The gradient is
 produced in the forward pass and scaled by the incoming gradient in backward (Liger-Kernel's
 design, Hsu et al. 2024). Supported: forward_kl, reverse_kl, skew_kl, skew_reverse_kl, js, tvd;
@@ -41,6 +43,21 @@ if triton is not None:
         live = m_new != float("-inf")
         l_vec = tl.where(live, l_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new), 0.0)
         return m_new, l_vec
+
+    @triton.jit
+    def _online_weighted(m_vec, l_vec, u_vec, a_vec, x, y, masked):
+        """``_online_update`` of x's normalizer, plus over kept entries U = sum e^(x - m) and
+        A = sum e^(x - m) (x - y), rescaled with it: afterwards sum_kept softmax(x) = U e^(m - lse_x) and
+        sum_kept softmax(x) (log softmax(x) - log softmax(y)) = A e^(m - lse_x) - U e^(m - lse_x) (lse_x - lse_y)."""
+        m_new = tl.maximum(m_vec, x)
+        live = m_new != float("-inf")
+        scale = tl.where(live, tl.exp(m_vec - m_new), 0.0)
+        w = tl.where(live, tl.exp(x - m_new), 0.0)
+        l_vec = l_vec * scale + w
+        w = tl.where(masked, 0.0, w)
+        u_vec = u_vec * scale + w
+        a_vec = a_vec * scale + w * tl.where(masked, 0.0, x - y)
+        return m_new, l_vec, u_vec, a_vec
 
     @triton.jit
     def _finish(m_vec, l_vec):
@@ -91,9 +108,10 @@ if triton is not None:
         lt = tl.zeros([BLOCK], tl.float32)
         mr = tl.full([BLOCK], ninf, tl.float32)
         lr = tl.zeros([BLOCK], tl.float32)
-        pu = tl.zeros([BLOCK], tl.float32)  # forward KL only: sum over kept entries of e^(t - mt)
-        pa = tl.zeros([BLOCK], tl.float32)  # ... and of e^(t - mt) (t - s)
-        for start in range(0, V, BLOCK):  # pass 1: log-normalizers (and forward KL's sums)
+        # forward KL: U, A of the teacher's softmax (p); reverse KL: of the student's (q); see _online_weighted
+        ua = tl.zeros([BLOCK], tl.float32)
+        aa = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):  # pass 1: log-normalizers (and forward/reverse KL's sums)
             offs = start + tl.arange(0, BLOCK)
             inb = offs < V
             s = tl.load(s_row + offs, mask=inb, other=ninf).to(tl.float32)
@@ -103,18 +121,14 @@ if triton is not None:
             t = tl.where(t == float("inf"), ninf, t)
             sk = s * inv_temp
             tk = t * inv_temp
-            ms, ls = _online_update(ms, ls, sk)
             if DIV == 0:
-                mt_new = tl.maximum(mt, tk)
-                live = mt_new != ninf
-                scale = tl.where(live, tl.exp(mt - mt_new), 0.0)
-                w = tl.where(live, tl.exp(tk - mt_new), 0.0)
-                lt = lt * scale + w
-                w = tl.where(masked, 0.0, w)
-                pu = pu * scale + w
-                pa = pa * scale + w * tl.where(masked, 0.0, tk - sk)
-                mt = mt_new
+                ms, ls = _online_update(ms, ls, sk)
+                mt, lt, ua, aa = _online_weighted(mt, lt, ua, aa, tk, sk, masked)
+            elif DIV == 1:
+                ms, ls, ua, aa = _online_weighted(ms, ls, ua, aa, sk, tk, masked)
+                mt, lt = _online_update(mt, lt, tk)
             else:
+                ms, ls = _online_update(ms, ls, sk)
                 mt, lt = _online_update(mt, lt, tk)
             if not SAME_T:
                 mr, lr = _online_update(mr, lr, s)
@@ -125,12 +139,16 @@ if triton is not None:
         else:
             lse_r = _finish(mr, lr)
 
-        if DIV == 0:
-            # sum_kept p = PU, sum_kept p (log p - log q) = PA - PU (lse_t - lse_s)
+        if DIV == 0:  # sum_kept p = U, KL(p || q) = A - U (lse_t - lse_s); h = -p, so H = -U
             lane = tl.where(mt != ninf, tl.exp(mt - lse_t), 0.0)
-            big_pu = tl.sum(pu * lane, axis=0)
-            kd = tl.sum(pa * lane, axis=0) - big_pu * (lse_t - lse_s)
-            big_h = -big_pu
+            big_u = tl.sum(ua * lane, axis=0)
+            kd = tl.sum(aa * lane, axis=0) - big_u * (lse_t - lse_s)
+            big_h = -big_u
+        elif DIV == 1:  # sum_kept q = U, KL(q || p) = A - U (lse_s - lse_t); h = q (log q - log p + 1): H = KL + U
+            lane = tl.where(ms != ninf, tl.exp(ms - lse_s), 0.0)
+            big_u = tl.sum(ua * lane, axis=0)
+            kd = tl.sum(aa * lane, axis=0) - big_u * (lse_s - lse_t)
+            big_h = kd + big_u
         else:
             f_acc = tl.zeros([BLOCK], tl.float32)
             h_acc = tl.zeros([BLOCK], tl.float32)
@@ -183,8 +201,9 @@ def kd_rows_and_grad(student: Tensor, teacher: Tensor, labels: Tensor, divergenc
     """Per-row KD and CE values [N] (float32) and the gradient of
     (1 - r) sum CE + r sum D w.r.t. ``student`` [N, V] (in ``grad_dtype``, default the logits')."""
     assert triton is not None, "triton is not installed"
-    if block is None:  # tuned on an H100 at 16384 x 50257 bf16 (benchmarks/kd_loss.py)
-        block, num_warps = (2048, 4) if divergence == "forward_kl" else (8192, 16)
+    if block is None:  # tuned on an H100 at 16384 x 50257 bf16 (benchmarks/kd_loss.py) for forward KL and
+        # the 3-pass divergences; reverse KL (2 passes since session 4) takes forward KL's, not yet timed
+        block, num_warps = (2048, 4) if divergence in ("forward_kl", "reverse_kl") else (8192, 16)
     assert student.shape == teacher.shape and student.dim() == 2
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()

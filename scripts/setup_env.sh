@@ -20,6 +20,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+# Triton: the GPU loss kernel's language. On a CPU machine the tests run that kernel in Triton's
+# interpreter (TRITON_INTERPRET=1, tests/conftest.py). A GPU image brings the triton that matches its
+# torch, which is kept.
+if ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check triton==3.9.0
+fi
 # torchaudio comes with ve-fairseq's requirements but its 2.11 build does not load next to torch
 # 2.13; fairseq only imports it for audio tasks, so it is removed rather than left broken.
 if .venv/bin/python -m pip show -q torchaudio >/dev/null 2>&1 && ! .venv/bin/python -c "import torchaudio" >/dev/null 2>&1; then
