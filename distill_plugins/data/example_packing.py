@@ -4,8 +4,9 @@ A ``join_prompt_response`` example (source = [EOS] + x[:-1], target = pads over 
 is stored once as x' = source + target[-1:] (its L + 1 tokens) with its id and P; ``unpack_examples``
 rebuilds source = x'[:-1], target = x'[1:] with the first P labels padded. Per-token float fields
 (one value per label, e.g. a rollout's log q_old) are concatenated in float32. Plain tensors, ints
-and lists only, so that fairseq's ``weights_only`` checkpoint loading accepts them.
-About (L + 1) * 2 bytes a sequence with a vocabulary under 32k types (4 otherwise).
+and lists only, so that fairseq's ``weights_only`` checkpoint loading accepts them; tokens are int32,
+not int16: resuming on several workers, fairseq broadcasts the checkpoint's tensors from rank 0, and
+neither gloo nor NCCL broadcasts int16 ("Invalid scalar type"). About (L + 1) * 4 bytes a sequence.
 """
 from typing import Dict, List, Sequence
 
@@ -15,9 +16,8 @@ import torch
 def pack_examples(examples: Sequence[Dict], pad: int, float_fields: Sequence[str] = ()) -> dict:
     seqs = [torch.cat([ex["source"], ex["target"][-1:]]) for ex in examples]
     flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
-    small = flat.numel() == 0 or int(flat.max()) < 2 ** 15
     state = {
-        "tokens": flat.to(torch.int16 if small else torch.int32),
+        "tokens": flat.to(torch.int32),
         "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
         "ids": torch.tensor([int(ex["id"]) for ex in examples], dtype=torch.long),
         "prompt_lengths": torch.tensor([int(ex["prompt_length"]) for ex in examples], dtype=torch.long),

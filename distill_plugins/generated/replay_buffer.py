@@ -4,7 +4,7 @@ A FIFO of capacity ``--replay-buffer-size`` (oldest generations fall out first),
 sampled uniformly without replacement. Each worker keeps its own buffer of its own generations.
 
 ``state_dict`` packs the contents for a checkpoint as token tensors, not padded batches
-(``data/example_packing.py``): 1000 x 512 tokens ~ 1 MB.
+(``data/example_packing.py``): 1000 x 512 tokens ~ 2 MB.
 """
 import random
 from collections import deque

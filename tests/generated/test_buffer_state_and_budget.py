@@ -30,13 +30,13 @@ def same(a, b):
             and torch.equal(a["source"], b["source"]) and torch.equal(a["target"], b["target"]))
 
 
-@pytest.mark.parametrize("vocab,dtype", [(400, torch.int16), (50257, torch.int32)])
-def test_buffer_state_restores_contents_and_sampling(vocab, dtype):
+@pytest.mark.parametrize("vocab", [400, 50257])
+def test_buffer_state_restores_contents_and_sampling(vocab):
     buf = ReplayBuffer(5, seed=3)
     buf.push([example(i, p, r, vocab=vocab) for i, (p, r) in enumerate(SHAPES)])  # the first falls out
     buf.sample(2)  # advance the sampling stream
     state = buf.state_dict(PAD)
-    assert state["tokens"].dtype == dtype  # token tensors, no padding: sum of (L + 1)
+    assert state["tokens"].dtype == torch.int32  # token tensors, no padding: sum of (L + 1)
     assert state["tokens"].numel() == sum(len(e["source"]) + 1 for e in buf.items)
     stream = io.BytesIO()
     torch.save({"task_state": {"student_data": {"buffer": state}}}, stream)

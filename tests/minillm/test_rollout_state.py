@@ -39,10 +39,8 @@ def test_packing_round_trip_with_per_token_fields():
     examples = [rollout(0, 5, 7), rollout(1, 3, 0), rollout(2, 70, 4), rollout(3, 1, 20)]
     assert int(examples[2]["target"].ne(PAD).sum()) == 0 and len(examples[2]["old_logp"]) == 0
     state = pack_examples(examples, PAD, ROLLOUT_FIELDS)
-    assert state["tokens"].dtype == torch.int16
+    assert state["tokens"].dtype == torch.int32  # gloo and NCCL broadcast it (not int16) on a multi-worker resume
     assert_same_examples(unpack_examples(state, ROLLOUT_FIELDS), examples)
-    big = [dict(examples[0], source=examples[0]["source"] + 40000, target=examples[0]["target"] + 40000)]
-    assert pack_examples(big, PAD)["tokens"].dtype == torch.int32
     assert unpack_examples(pack_examples([], PAD, ROLLOUT_FIELDS), ROLLOUT_FIELDS) == []
 
 
