@@ -22,7 +22,6 @@ Reported: generated tokens/s and responses/s (wall time, and process CPU time), 
 """
 import argparse
 import logging
-import math
 import os
 import sys
 

@@ -29,7 +29,8 @@ produced per chunk in the teacher's dtype; a list of either gives the divergence
 chunk per teacher (multi-teacher losses); with ``part_weights`` (w_1..w_K) the divergence returns
 [n, K] columns D_k, the KD term is sum_k w_k D_k and ``KDLoss.parts`` holds the K sums of D_k.
 Divergences are row-wise, so every chunk size gives the same result as the plain form; +-inf
-logits keep the plain form's semantics (``divergences.py``).
+logits keep the plain form's semantics (``divergences.py``). ``chunked_ce_loss`` / ``fused_ce_loss``
+are the CE term alone (no teacher), for the language-modelling batches of ``--lm-data``.
 The gradient is computed during the forward pass: call ``backward`` at most once on the result.
 """
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ class _Spec:
 def _chunk_loss(s: Tensor, spec: _Spec, start: int, end: int):
     """CE sum, KD sum and (if needed) d[(1 - r) CE + r KD] / ds, float32, for rows [start, end)."""
     labels = spec.labels[start:end]
-    teacher = _teacher_rows(spec.teachers, start, end)
+    teacher = _teacher_rows(spec.teachers, start, end) if spec.teachers is not None else None
     r = spec.kd_ratio
     if spec.loss_and_grad is not None:
         ce, kd, grad = spec.loss_and_grad(s, teacher, labels, r, spec.need_grad)
@@ -352,7 +353,7 @@ class _FusedKD(torch.autograd.Function):
 def _check(chunk_size: int, n: int, labels: Tensor, teachers: Teachers):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if labels.numel() != n or _count_rows(teachers) != n:
+    if labels.numel() != n or (teachers is not None and _count_rows(teachers) != n):
         raise ValueError(f"{n} student rows, {labels.numel()} labels and {_count_rows(teachers)} teacher rows differ")
 
 
@@ -407,6 +408,25 @@ def fused_kd_loss(
         if not need_grad:
             return _result(_FusedKD.forward(_Ctx(), hidden, weight, spec), spec)
         return _result(_FusedKD.apply(hidden, weight, spec), spec)
+
+
+def _cross_entropy_loss_and_grad(s: Tensor, _teacher, labels: Tensor, r: float, need_grad: bool):
+    """The CE term alone as a ``LossAndGrad`` (no teacher; used with kd_ratio 0)."""
+    ce_rows, grad = _ce_rows_and_grad(torch.log_softmax(s, -1), labels, need_grad)
+    return ce_rows.sum(), ce_rows.new_zeros(()), grad
+
+
+def chunked_ce_loss(student_logits: Tensor, labels: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """sum_i CE(s_i, y_i) on logits [N, V], ``chunk_size`` rows at a time (float32)."""
+    return chunked_kd_loss(student_logits, labels, None, None, 0.0, chunk_size,
+                           loss_and_grad=_cross_entropy_loss_and_grad).loss
+
+
+def fused_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  fixed_columns: Optional[FixedColumns] = None) -> Tensor:
+    """sum_i CE of the logits ``hidden @ weight.T`` (then ``fixed_columns``), which never exist beyond a chunk."""
+    return fused_kd_loss(hidden, weight, labels, None, None, 0.0, chunk_size,
+                         loss_and_grad=_cross_entropy_loss_and_grad, fixed_columns=fixed_columns).loss
 
 
 def _result(outputs, spec: _Spec) -> KDLoss:

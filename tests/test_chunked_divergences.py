@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distill_plugins.chunked_divergences import (
-    ProjectedLogits, chunked_kd_loss, forward_kl_loss_and_grad, fused_kd_loss, plain_kd_loss,
+    FixedColumns, ProjectedLogits, chunked_ce_loss, chunked_kd_loss, forward_kl_loss_and_grad, fused_ce_loss,
+    fused_kd_loss, plain_kd_loss,
 )
 from distill_plugins.divergences import DIVERGENCES
 
@@ -145,6 +146,37 @@ def test_fused_equals_plain(name, dtype):
         for a, b in zip(grads, refs):
             assert a.dtype == dt
             close(a, b, torch.float32 if dt == torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_ce_alone_chunked_and_fused_against_float64(dtype):
+    """The --lm-data term: CE without a teacher, on logits with -inf entries and on a fused
+    projection with fixed columns; values and gradients against float64 autograd."""
+    dt = DTYPES[dtype]
+    tol = torch.float32 if dt == torch.float32 else torch.bfloat16
+    s, _, labels = inputs(dt)
+    ref = torch.nn.functional.cross_entropy(s.double(), labels, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    out = chunked_ce_loss(s, labels, chunk_size=5)
+    (grad,) = torch.autograd.grad(out, s)
+    close(out, ref, tol)
+    close(grad, ref_grad, tol)
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(N, D, generator=g).to(dt).requires_grad_()
+    weight = torch.randn(V, D, generator=g).to(dt).requires_grad_()
+    fixed = FixedColumns(torch.tensor([3, 9]), -1e4)  # vocabulary rows no token maps to
+    logits = (hidden.double() @ weight.double().t()).index_fill(1, fixed.index, fixed.value)
+    safe = labels.masked_fill(labels.eq(3) | labels.eq(9), 0)
+    ref = torch.nn.functional.cross_entropy(logits, safe, reduction="sum")
+    refs = torch.autograd.grad(ref, (hidden, weight))
+    out = fused_ce_loss(hidden, weight, safe, chunk_size=6, fixed_columns=fixed)
+    grads = torch.autograd.grad(out, (hidden, weight))
+    close(out, ref, tol)
+    for a, b in zip(grads, refs):
+        close(a, b, tol)
+    empty = chunked_ce_loss(s[:0], labels[:0], chunk_size=5)  # an LM batch without labels
+    assert float(empty) == 0.0
 
 
 def test_fused_under_autocast_matches_plain_under_autocast():

@@ -18,7 +18,7 @@ DistiLLM's extra LM term is added (Ko et al. 2024, spec section 3; ``--lm-coef``
 where LM is the summed CE of the student on the LM batch's N_lm labels and N the batch's response
 tokens: after fairseq divides by ``sample_size`` = N the term is lm_coef times the per-token LM CE,
 as DistiLLM adds the two means per micro-batch. ``lm_loss`` (per LM token, base 2) is logged. The
-LM batch goes through the student's full output layer on every ``--kd-impl`` path.
+LM batch's CE is chunked and fused like the main term (``--kd-impl``).
 
 ``--kd-impl`` picks how the sum is computed (same value and gradients, tests/test_chunked_divergences.py):
 ``plain`` materialises float32 [tokens, vocab] tensors for both models; ``chunked``
@@ -46,7 +46,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .. import triton_kd
-from ..chunked_divergences import DEFAULT_CHUNK_SIZE, chunked_kd_loss, fused_kd_loss
+from ..chunked_divergences import DEFAULT_CHUNK_SIZE, chunked_ce_loss, chunked_kd_loss, fused_ce_loss, fused_kd_loss
 from ..errors import DistillError, check
 from ..output_projection import fusable_output, unwrap
 
@@ -227,11 +227,19 @@ class TokenLevelKDCriterion(FairseqCriterion):
         return loss, ntokens, logging_output
 
     def lm_term(self, model, lm):
-        """Summed CE of the student on an --lm-data batch and its number of labels."""
+        """Summed CE of the student on an --lm-data batch and its number of labels; chunked and fused
+        as the main term (``--kd-impl``), so the LM batch's logits are never full-size with fused."""
         target = lm["target"]
         mask = target.ne(self.padding_idx)
-        logits = model(**lm["net_input"])[0][mask]
-        return F.cross_entropy(logits.float(), target[mask], reduction="sum"), int(mask.sum())
+        labels = target[mask]
+        if self.cfg.kd_impl == "plain":
+            logits = model(**lm["net_input"])[0][mask]
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), int(mask.sum())
+        out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
+        if out is None:
+            return chunked_ce_loss(model(**lm["net_input"])[0][mask], labels, self.cfg.kd_chunk_size), int(mask.sum())
+        hidden = model(**lm["net_input"], features_only=True)[0][mask]
+        return fused_ce_loss(hidden, out.weight, labels, self.cfg.kd_chunk_size, out.fixed), int(mask.sum())
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

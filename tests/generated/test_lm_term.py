@@ -44,6 +44,24 @@ def lm_ce64(student, lm, pad):
     return float(-lp.gather(1, lm["target"][mask].unsqueeze(1)).sum()), int(mask.sum())
 
 
+def test_lm_term_chunked_and_fused_give_plain_gradients(setup):
+    task, student, _, lm = setup
+    grads = {}
+    for impl in ("plain", "chunked", "fused"):
+        criterion = task.build_criterion(OmegaConf.create(
+            {"_name": "kd", "kd_ratio": 0.5, "kd_impl": impl, "kd_chunk_size": 5}))
+        student.zero_grad()
+        lm_sum, n_lm = criterion.lm_term(student, lm)
+        lm_sum.backward()
+        grads[impl] = (float(lm_sum), [p.grad.clone() for p in student.parameters() if p.grad is not None])
+    assert float(grads["plain"][0]) == pytest.approx(lm_ce64(student, lm, task.dictionary.pad())[0], rel=1e-5)
+    for impl in ("chunked", "fused"):
+        assert grads[impl][0] == pytest.approx(grads["plain"][0], rel=1e-5)
+        assert len(grads[impl][1]) == len(grads["plain"][1])
+        for a, b in zip(grads[impl][1], grads["plain"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["plain", "chunked", "fused"])
 @pytest.mark.parametrize("lm_coef", [1.0, 0.25])
 def test_loss_is_the_sum_of_its_parts(setup, impl, lm_coef):

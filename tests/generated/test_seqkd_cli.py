@@ -2,7 +2,6 @@
 import json
 import os
 
-import torch
 
 from conftest import cli, run, train
 from distill_plugins.data.tokenizers import load_tokenizer

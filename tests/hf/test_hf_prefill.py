@@ -6,8 +6,6 @@ import pytest
 
 pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
 
-import torch  # noqa: E402
-
 import hf_fixtures as F  # noqa: E402
 from test_hf_models import CASES, IDS, TOL, build  # noqa: E402
 from test_prefill_generation import check_steps_equal_full_forward  # noqa: E402

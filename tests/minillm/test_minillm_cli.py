@@ -1,7 +1,6 @@
 """MiniLLM through the real CLIs: SFT student -> fairseq-train --task minillm --criterion minillm
 (teacher-mixed rollouts, PPO epochs, LM term on plain text) lowers the student's reverse KL to the
 teacher on the held-out prompts, measured on the student's own samples."""
-import os
 
 import pytest
 import torch
