@@ -29,8 +29,8 @@ produced per chunk in the teacher's dtype; a list of either gives the divergence
 chunk per teacher (multi-teacher losses); with ``part_weights`` (w_1..w_K) the divergence returns
 [n, K] columns D_k, the KD term is sum_k w_k D_k and ``KDLoss.parts`` holds the K sums of D_k.
 Divergences are row-wise, so every chunk size gives the same result as the plain form; +-inf
-logits keep the plain form's semantics (``divergences.py``). ``chunked_ce_loss`` / ``fused_ce_loss``
-are the CE term alone (no teacher), for the language-modelling batches of ``--lm-data``.
+logits keep the plain form's semantics (``divergences.py``). With no teacher (None), kd_ratio 0 and
+``cross_entropy_loss_and_grad`` both forms give the CE term alone.
 The gradient is computed during the forward pass: call ``backward`` at most once on the result.
 """
 from dataclasses import dataclass
@@ -410,23 +410,11 @@ def fused_kd_loss(
         return _result(_FusedKD.apply(hidden, weight, spec), spec)
 
 
-def _cross_entropy_loss_and_grad(s: Tensor, _teacher, labels: Tensor, r: float, need_grad: bool):
-    """The CE term alone as a ``LossAndGrad`` (no teacher; used with kd_ratio 0)."""
+def cross_entropy_loss_and_grad(s: Tensor, _teacher, labels: Tensor, r: float, need_grad: bool):
+    """The CE term alone as a ``LossAndGrad``: with teacher None and kd_ratio 0, ``chunked_kd_loss`` and
+    ``fused_kd_loss`` give sum_i CE(s_i, y_i) (the language-modelling batches of ``--lm-data``)."""
     ce_rows, grad = _ce_rows_and_grad(torch.log_softmax(s, -1), labels, need_grad)
     return ce_rows.sum(), ce_rows.new_zeros(()), grad
-
-
-def chunked_ce_loss(student_logits: Tensor, labels: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """sum_i CE(s_i, y_i) on logits [N, V], ``chunk_size`` rows at a time (float32)."""
-    return chunked_kd_loss(student_logits, labels, None, None, 0.0, chunk_size,
-                           loss_and_grad=_cross_entropy_loss_and_grad).loss
-
-
-def fused_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  fixed_columns: Optional[FixedColumns] = None) -> Tensor:
-    """sum_i CE of the logits ``hidden @ weight.T`` (then ``fixed_columns``), which never exist beyond a chunk."""
-    return fused_kd_loss(hidden, weight, labels, None, None, 0.0, chunk_size,
-                         loss_and_grad=_cross_entropy_loss_and_grad, fixed_columns=fixed_columns).loss
 
 
 def _result(outputs, spec: _Spec) -> KDLoss:

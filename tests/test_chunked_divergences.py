@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill_plugins.chunked_divergences import (
-    FixedColumns, ProjectedLogits, chunked_ce_loss, chunked_kd_loss, forward_kl_loss_and_grad, fused_ce_loss,
+    FixedColumns, ProjectedLogits, chunked_kd_loss, cross_entropy_loss_and_grad, forward_kl_loss_and_grad,
     fused_kd_loss, plain_kd_loss,
 )
 from distill_plugins.divergences import DIVERGENCES
@@ -157,7 +157,8 @@ def test_ce_alone_chunked_and_fused_against_float64(dtype):
     s, _, labels = inputs(dt)
     ref = torch.nn.functional.cross_entropy(s.double(), labels, reduction="sum")
     (ref_grad,) = torch.autograd.grad(ref, s)
-    out = chunked_ce_loss(s, labels, chunk_size=5)
+    ce_only = dict(loss_and_grad=cross_entropy_loss_and_grad)
+    out = chunked_kd_loss(s, labels, None, None, 0.0, chunk_size=5, **ce_only).loss
     (grad,) = torch.autograd.grad(out, s)
     close(out, ref, tol)
     close(grad, ref_grad, tol)
@@ -170,13 +171,13 @@ def test_ce_alone_chunked_and_fused_against_float64(dtype):
     safe = labels.masked_fill(labels.eq(3) | labels.eq(9), 0)
     ref = torch.nn.functional.cross_entropy(logits, safe, reduction="sum")
     refs = torch.autograd.grad(ref, (hidden, weight))
-    out = fused_ce_loss(hidden, weight, safe, chunk_size=6, fixed_columns=fixed)
+    out = fused_kd_loss(hidden, weight, safe, None, None, 0.0, chunk_size=6, fixed_columns=fixed, **ce_only).loss
     grads = torch.autograd.grad(out, (hidden, weight))
     close(out, ref, tol)
     for a, b in zip(grads, refs):
         close(a, b, tol)
-    empty = chunked_ce_loss(s[:0], labels[:0], chunk_size=5)  # an LM batch without labels
-    assert float(empty) == 0.0
+    empty = chunked_kd_loss(s[:0], labels[:0], None, None, 0.0, chunk_size=5, **ce_only)  # no labels
+    assert float(empty.loss) == 0.0
 
 
 def test_fused_under_autocast_matches_plain_under_autocast():

@@ -7,7 +7,9 @@ the formulas are in ``distill_plugins/policy_gradient.py``). Rewards r_t = clip(
 / reward_scaling, +-cliprange_reward), returns (gamma, length-normalised), whitened advantages and
 the clipped importance ratio are computed here from the per-token log-probabilities stored with each
 rollout; L_reg is the exact per-step reverse KL over the vocabulary and L_pt the LM/KD mix on the
-``--lm-data`` batch. Every term is a token mean over the minibatch, so ``sample_size`` is 1.
+``--lm-data`` batch. Every term is a token mean over the minibatch, so ``sample_size`` is 1. L_pt is
+computed as the token-level criterions compute theirs (``--kd-impl``, default fused: chunks of
+``--kd-chunk-size`` tokens, the output projections fused in, the Triton kernel on CUDA).
 
 On a plain prompt/response batch (validation) it returns the reference cross-entropy and logs the
 exact per-token reverse KL to the teacher on the reference responses.
@@ -25,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .. import policy_gradient as pg
-from ..divergences import reverse_kl
+from ..chunked_divergences import DEFAULT_CHUNK_SIZE, cross_entropy_loss_and_grad, forward_kl_loss_and_grad
+from ..divergences import forward_kl, reverse_kl
 from ..errors import DistillError, check
+from ..output_projection import fusable_output
+from .token_level_kd import student_side_loss, triton_chunk_kernel
 
 RL_STATS = ("reward", "return", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "pt_kd_loss", "clip_frac", "ratio",
             "is_weight", "resp_len", "rollout_time", "train_time")
@@ -49,6 +54,11 @@ class MiniLLMConfig(FairseqDataclass):
     kd_ratio: float = field(
         default=0.5, metadata={"help": "L_pt = (1 - kd_ratio) * LM + kd_ratio * KL(teacher || student) on --lm-data"}
     )
+    kd_impl: ChoiceEnum(["plain", "chunked", "fused"]) = field(
+        default="fused", metadata={"help": "how L_pt is computed (as the token-level criterions' --kd-impl): "
+                                           "plain, chunked or fused with the output projection; same results"}
+    )
+    kd_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of L_pt"})
 
 
 @register_criterion("minillm", dataclass=MiniLLMConfig)
@@ -64,6 +74,7 @@ class MiniLLMCriterion(FairseqCriterion):
         check(0.0 <= cfg.cliprange < 1.0, f"--cliprange must be in [0, 1), got {cfg.cliprange}")
         check(cfg.lm_coef >= 0, f"--lm-coef must be >= 0, got {cfg.lm_coef}")
         check(0.0 <= cfg.kd_ratio <= 1.0, f"--kd-ratio must be in [0, 1], got {cfg.kd_ratio}")
+        check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
         if not getattr(task, "provides_rollouts", False):
             raise DistillError("criterion minillm needs rollouts: use --task minillm")
         if getattr(task, "teacher", None) is None:
@@ -107,13 +118,34 @@ class MiniLLMCriterion(FairseqCriterion):
         }
         lm = sample.get("lm")
         if lm is not None and cfg.lm_coef > 0:
-            lm_logits = model(**lm["net_input"])[0]
-            lm_teacher = self.task.teacher.logits(lm["net_input"]) if cfg.kd_ratio > 0 else None
-            pt = pg.pretraining_loss(lm_logits, lm_teacher, lm["target"], self.padding_idx, cfg.kd_ratio)
+            pt = self.pretraining_term(model, lm)
             loss = loss + cfg.lm_coef * pt.loss
             log.update(pt_loss=float(pt.loss.detach()), lm_loss=float(pt.lm.detach()), pt_kd_loss=float(pt.kd.detach()))
         log["loss"] = float(loss.detach())
         return loss, 1, log
+
+    def pretraining_term(self, model, lm) -> pg.PretrainLoss:
+        """L_pt on an --lm-data batch; with --kd-impl chunked/fused neither model's [tokens, vocab]
+        float32 tensors exist beyond a chunk (fused: not even the student's logits)."""
+        cfg, teacher = self.cfg, self.task.teacher
+        k = cfg.kd_ratio
+        if cfg.kd_impl == "plain":
+            lm_teacher = teacher.logits(lm["net_input"]) if k > 0 else None
+            return pg.pretraining_loss(model(**lm["net_input"])[0], lm_teacher, lm["target"], self.padding_idx, k)
+        mask = lm["target"].ne(self.padding_idx)
+        labels = lm["target"][mask]
+        fused = cfg.kd_impl == "fused"
+        out = fusable_output(model) if fused else None
+        teachers, loss_and_grad = None, cross_entropy_loss_and_grad
+        if k > 0:
+            teachers = teacher.projected_logits(lm["net_input"], mask) if fused else None
+            if teachers is None:
+                teachers = teacher.logits(lm["net_input"])[mask]
+            loss_and_grad = triton_chunk_kernel(labels.device, "forward_kl") or forward_kl_loss_and_grad
+        res = student_side_loss(model, lm["net_input"], mask, labels, out, teachers, divergence=forward_kl,
+                                kd_ratio=k, chunk_size=cfg.kd_chunk_size, loss_and_grad=loss_and_grad)
+        n = max(int(labels.numel()), 1)  # token means, as pg.pretraining_loss
+        return pg.PretrainLoss(res.loss / n, res.ce / n, res.kd / n)
 
     def reference_forward(self, model, sample):
         """Teacher-forced reference responses: loss = CE (sum over tokens); logs the exact reverse KL."""

@@ -46,7 +46,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .. import triton_kd
-from ..chunked_divergences import DEFAULT_CHUNK_SIZE, chunked_ce_loss, chunked_kd_loss, fused_ce_loss, fused_kd_loss
+from ..chunked_divergences import (
+    DEFAULT_CHUNK_SIZE, KDLoss, chunked_kd_loss, cross_entropy_loss_and_grad, fused_kd_loss,
+)
 from ..errors import DistillError, check
 from ..output_projection import fusable_output, unwrap
 
@@ -86,6 +88,29 @@ class TokenLevelKDConfig(FairseqDataclass):
         default=1.0, metadata={"help": "weight of the extra LM term on the task's --lm-data batches (DistiLLM: 1); "
                                        "unused without --lm-data"}
     )
+
+
+def student_side_loss(model, net_input, mask, labels, out, teachers, **kwargs) -> KDLoss:
+    """``chunked_kd_loss`` on the student's logits at ``mask``, or ``fused_kd_loss`` on its hidden
+    states when ``out`` (its ``output_projection.FusedOutput``) is given; ``kwargs`` go to either."""
+    if out is None:
+        return chunked_kd_loss(model(**net_input)[0][mask], labels, teachers, **kwargs)
+    hidden = model(**net_input, features_only=True)[0][mask]
+    return fused_kd_loss(hidden, out.weight, labels, teachers, fixed_columns=out.fixed, **kwargs)
+
+
+def triton_chunk_kernel(device, divergence: str, temperature: float = 1.0, coef: float = 0.0):
+    """``triton_kd``'s kernel as a chunk ``loss_and_grad`` for ``divergence`` on ``device``, or None
+    (not CUDA, no triton, or a divergence it lacks)."""
+    if not triton_kd.available(device, divergence):
+        return None
+
+    def loss_and_grad(s, t, labels, r, need_grad):
+        kd, ce, grad = triton_kd.kd_rows_and_grad(s, t, labels, divergence, r, temperature, coef,
+                                                  grad_dtype=torch.float32)
+        return ce.sum(), kd.sum(), grad if need_grad else None
+
+    return loss_and_grad
 
 
 def check_unit_interval(name: str, value: float):
@@ -153,16 +178,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
     def triton_loss_and_grad(self, device):
         """The chunk kernel of ``triton_kd`` for this criterion on ``device``, or None."""
         spec = TRITON_KERNELS.get(getattr(self.cfg, "_name", None))
-        if spec is None or not triton_kd.available(device, spec[0]):
+        if spec is None:
             return None
-        name, coef = spec[0], (getattr(self.cfg, spec[1]) if spec[1] else 0.0)
-
-        def loss_and_grad(s, t, labels, r, need_grad):
-            kd, ce, grad = triton_kd.kd_rows_and_grad(s, t, labels, name, r, self.temperature, coef,
-                                                      grad_dtype=torch.float32)
-            return ce.sum(), kd.sum(), grad if need_grad else None
-
-        return loss_and_grad
+        return triton_chunk_kernel(device, spec[0], self.temperature, getattr(self.cfg, spec[1]) if spec[1] else 0.0)
 
     def memory_efficient_loss(self, model, sample, mask, labels):
         """``KDLoss`` (loss, ce, kd, parts) of --kd-impl chunked/fused: ``chunked_divergences``."""
@@ -172,14 +190,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
             loss_and_grad = self.triton_loss_and_grad(labels.device) or self.chunk_loss_and_grad()
         kwargs = dict(divergence=divergence, kd_ratio=self.kd_ratio, chunk_size=self.cfg.kd_chunk_size,
                       loss_and_grad=loss_and_grad, part_weights=part_weights)
-        net_input = sample["net_input"]
         out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
-        if out is None:
-            student = model(**net_input)[0][mask]
-            return chunked_kd_loss(student, labels, self.chunk_teachers(sample, mask), **kwargs)
-        hidden = model(**net_input, features_only=True)[0][mask]
-        return fused_kd_loss(hidden, out.weight, labels, self.chunk_teachers(sample, mask),
-                             fixed_columns=out.fixed, **kwargs)
+        return student_side_loss(model, sample["net_input"], mask, labels, out, self.chunk_teachers(sample, mask),
+                                 **kwargs)
 
     def fusable_output_projection(self, model):
         """The student's ``output_projection.FusedOutput`` for --kd-impl fused, or None (adaptive
@@ -236,10 +249,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
             logits = model(**lm["net_input"])[0][mask]
             return F.cross_entropy(logits.float(), labels, reduction="sum"), int(mask.sum())
         out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
-        if out is None:
-            return chunked_ce_loss(model(**lm["net_input"])[0][mask], labels, self.cfg.kd_chunk_size), int(mask.sum())
-        hidden = model(**lm["net_input"], features_only=True)[0][mask]
-        return fused_ce_loss(hidden, out.weight, labels, self.cfg.kd_chunk_size, out.fixed), int(mask.sum())
+        ce = student_side_loss(model, lm["net_input"], mask, labels, out, None, divergence=None, kd_ratio=0.0,
+                               chunk_size=self.cfg.kd_chunk_size, loss_and_grad=cross_entropy_loss_and_grad)
+        return ce.loss, int(mask.sum())
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
