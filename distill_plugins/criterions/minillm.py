@@ -7,9 +7,10 @@ the formulas are in ``distill_plugins/policy_gradient.py``). Rewards r_t = clip(
 / reward_scaling, +-cliprange_reward), returns (gamma, length-normalised), whitened advantages and
 the clipped importance ratio are computed here from the per-token log-probabilities stored with each
 rollout; L_reg is the exact per-step reverse KL over the vocabulary and L_pt the LM/KD mix on the
-``--lm-data`` batch. Every term is a token mean over the minibatch, so ``sample_size`` is 1. L_pt is
-computed as the token-level criterions compute theirs (``--kd-impl``, default fused: chunks of
-``--kd-chunk-size`` tokens, the output projections fused in, the Triton kernel on CUDA).
+``--lm-data`` batch. Every term is a token mean over the minibatch, so ``sample_size`` is 1. L_reg
+and L_pt are computed as the token-level criterions compute theirs (``--kd-impl``, default fused:
+chunks of ``--kd-chunk-size`` tokens, output projections fused in where the student's logits are not
+needed anyway, the Triton kernel on CUDA).
 
 On a plain prompt/response batch (validation) it returns the reference cross-entropy and logs the
 exact per-token reverse KL to the teacher on the reference responses.
@@ -31,7 +32,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .. import policy_gradient as pg
-from ..chunked_divergences import DEFAULT_CHUNK_SIZE, cross_entropy_loss_and_grad, forward_kl_loss_and_grad
+from ..chunked_divergences import (
+    DEFAULT_CHUNK_SIZE, chunked_kd_loss, cross_entropy_loss_and_grad, forward_kl_loss_and_grad,
+)
 from ..divergences import forward_kl, reverse_kl
 from ..errors import DistillError, check
 from ..output_projection import fusable_output
@@ -55,10 +58,11 @@ class MiniLLMConfig(FairseqDataclass):
         default=0.5, metadata={"help": "L_pt = (1 - kd_ratio) * LM + kd_ratio * KL(teacher || student) on --lm-data"}
     )
     kd_impl: ChoiceEnum(["plain", "chunked", "fused"]) = field(
-        default="fused", metadata={"help": "how L_pt is computed (as the token-level criterions' --kd-impl): "
-                                           "plain, chunked or fused with the output projection; same results"}
+        default="fused", metadata={"help": "how L_reg and L_pt are computed (as the token-level criterions' "
+                                           "--kd-impl): plain, chunked, or fused with the output projections "
+                                           "(L_pt; L_reg: the teacher's); same results"}
     )
-    kd_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of L_pt"})
+    kd_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of L_reg and L_pt"})
 
 
 @register_criterion("minillm", dataclass=MiniLLMConfig)
@@ -96,8 +100,7 @@ class MiniLLMCriterion(FairseqCriterion):
                                        cfg.cliprange_reward)
         advantages, returns = pg.advantages_and_returns(rewards, mask, cfg.gamma)
         policy = pg.ppo_policy_loss(logp, ro["old_logp"], advantages, ro["weight"], mask, cfg.cliprange)
-        teacher_logits = self.task.teacher.logits(net_input)
-        reg = pg.single_step_reverse_kl(logits, teacher_logits, mask)
+        reg = self.single_step_term(logits, net_input, mask)
         loss = policy.loss if cfg.no_single_step_reg else policy.loss + reg
         ntokens = int(mask.sum())
         m = mask.float()
@@ -123,6 +126,24 @@ class MiniLLMCriterion(FairseqCriterion):
             log.update(pt_loss=float(pt.loss.detach()), lm_loss=float(pt.lm.detach()), pt_kd_loss=float(pt.kd.detach()))
         log["loss"] = float(loss.detach())
         return loss, 1, log
+
+    def single_step_term(self, logits, net_input, mask):
+        """L_reg on the rollout minibatch's student ``logits`` [B, T, V]: plain, or chunked over the
+        response tokens (--kd-impl chunked/fused; the teacher's side fused too, 2-pass Triton kernel on CUDA)."""
+        teacher = self.task.teacher
+        if self.cfg.kd_impl == "plain":
+            return pg.single_step_reverse_kl(logits, teacher.logits(net_input), mask)
+        m = mask.bool()
+        n = int(m.sum())
+        if n == 0:
+            return logits.sum() * 0.0
+        teachers = teacher.projected_logits(net_input, m) if self.cfg.kd_impl == "fused" else None
+        if teachers is None:
+            teachers = teacher.logits(net_input)[m]
+        labels = net_input["src_tokens"].new_zeros(n)  # unused: CE has weight 0
+        res = chunked_kd_loss(logits[m], labels, teachers, reverse_kl, 1.0, self.cfg.kd_chunk_size,
+                              loss_and_grad=triton_chunk_kernel(logits.device, "reverse_kl"))
+        return res.loss / n
 
     def pretraining_term(self, model, lm) -> pg.PretrainLoss:
         """L_pt on an --lm-data batch; with --kd-impl chunked/fused neither model's [tokens, vocab]

@@ -1,5 +1,6 @@
-"""MiniLLM's L_pt = (1 - k) LM + k KL(p || q) on an --lm-data batch: --kd-impl chunked and fused give
-plain's value (and a float64 reference) and plain's gradients, for k = 0.5 (the spec) and 0."""
+"""MiniLLM's L_pt = (1 - k) LM + k KL(p || q) on an --lm-data batch and L_reg (single-step reverse KL):
+--kd-impl chunked and fused give plain's value (and a float64 reference) and plain's gradients
+(L_pt for k = 0.5, the spec, and 0)."""
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -51,4 +52,25 @@ def test_chunked_and_fused_equal_plain(setup, k):
         assert (float(pt.loss), float(pt.lm), float(pt.kd)) == pytest.approx(want, rel=1e-5, abs=1e-7), impl
     for impl in ("chunked", "fused"):
         for a, b in zip(results[impl][1], results["plain"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_single_step_term_chunked_and_fused_equal_plain(setup):
+    """L_reg = mean_t KL(q_t || p_t) over response tokens: same value and gradient on every path."""
+    task, student, lm = setup
+    sample = dict(lm)  # any batch: its labelled positions stand for a rollout's response tokens
+    mask = sample["target"].ne(task.dictionary.pad())
+    with torch.no_grad():
+        want = D.reverse_kl(student(**sample["net_input"])[0].double()[mask],
+                            task.teacher.logits(sample["net_input"]).double()[mask]).mean()
+    grads = {}
+    for impl in ("plain", "chunked", "fused"):
+        criterion = task.build_criterion(OmegaConf.create({"_name": "minillm", "kd_impl": impl, "kd_chunk_size": 5}))
+        student.zero_grad()
+        reg = criterion.single_step_term(student(**sample["net_input"])[0], sample["net_input"], mask)
+        assert float(reg) == pytest.approx(float(want), rel=1e-5), impl
+        reg.backward()
+        grads[impl] = [p.grad.clone() for p in student.parameters()]
+    for impl in ("chunked", "fused"):
+        for a, b in zip(grads[impl], grads["plain"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
