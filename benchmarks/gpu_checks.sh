@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, for a session that is lent one. On the CPU machine first:
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
-#   STAGES="kernels step loss generate" bash benchmarks/gpu_checks.sh      (about 7 minutes)
+#   STAGES="kernels step loss terms generate" bash benchmarks/gpu_checks.sh (about 7 minutes)
 #   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
 # Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
 #
@@ -9,6 +9,7 @@
 #   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
 #             fused Triton loss) and the plain HF reference in one run; then ours with --compile-teacher
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
+#   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
 #   minillm   examples/minillm/gpu_smoke.sh at GPT-2 XL -> base shapes (MINILLM_SIZE=gpt2, the default;
 #             small: the mini -> tiny smoke run), MINILLM_UPDATES updates (default 32)
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu_checks}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
-STAGES=${STAGES:-kernels step loss generate $([ "$SMALL" = 1 ] || echo minillm)}
+STAGES=${STAGES:-kernels step loss terms generate $([ "$SMALL" = 1 ] || echo minillm)}
 R=$(mktemp -d)/gpu_checks
 mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1
@@ -44,6 +45,7 @@ stage() {  # name, time limit (s), command...
 }
 if [ "$SMALL" = 1 ]; then
   STEP=(--preset cpu-tiny --warmup 1 --steps 1); LOSS=(--preset cpu-tiny); GEN=(--preset cpu-tiny)
+  TERMS_PRESET=cpu-tiny
 else
   STEP=(--preset gpt2-xl-base --warmup 2 --steps 4 --precision bf16 --teacher-dtype bf16)
   LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
@@ -55,6 +57,8 @@ stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[
 for d in forward_kl reverse_kl skew_kl; do
   stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
 done
+stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \
+  --json "$R/minillm_terms.json"
 stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
 stage minillm 540 env OUT="$R/minillm" SIZE="${MINILLM_SIZE:-gpt2}" UPDATES="${MINILLM_UPDATES:-32}" \
   bash examples/minillm/gpu_smoke.sh

@@ -54,3 +54,14 @@ def test_generation_benchmark_reports_prefill_and_reference(tmp_path):
     for key in ("tokens_per_s prefill/reference", "wall_s prefill/reference", "peak_memory prefill/reference"):
         assert positive(data["ratios"][key])
     assert "| prefill |" in table and "| reference |" in table
+
+
+def test_minillm_terms_benchmark_reports_fused_and_plain(tmp_path):
+    data, table = bench("minillm_terms", tmp_path, "--repeats", "1", "--warmup", "0")
+    assert set(data["results"]) == {"plain", "fused"}
+    for name, res in data["results"].items():
+        for key in ("step_s", "cpu_s", "tokens_per_s", "peak_extra_mib"):
+            assert positive(res[key]), (name, key, res)
+    for term in ("reg_loss", "pt_loss"):  # the same loss on both paths
+        assert abs(data["results"]["fused"][term] - data["results"]["plain"][term]) <= 1e-5 * abs(data["results"]["plain"][term])
+    assert positive(data["ratios"]["peak_memory fused/plain"]) and "| fused |" in table
