@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 from distill_plugins.chunked_divergences import (  # noqa: E402
     DEFAULT_CHUNK_SIZE, chunked_kd_loss, forward_kl_loss_and_grad, fused_kd_loss, plain_kd_loss,
+    reverse_kl_loss_and_grad,
 )
 from distill_plugins.divergences import DIVERGENCES  # noqa: E402
 
@@ -67,7 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
     ap.add_argument("--kd-ratio", type=float, default=1.0, help="r; 1.0 = KD term only, as the anchor")
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    ap.add_argument("--no-analytic", action="store_true", help="forward KL by autograd per chunk too")
+    ap.add_argument("--no-analytic", action="store_true",
+                    help="forward and reverse KL by autograd per chunk too (as the other divergences)")
     ap.add_argument("--compile", action="store_true", help="chunked/fused: the torch.compile'd forward-KL kernel")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--warmup", type=int, default=1)
@@ -107,6 +109,8 @@ def main(argv=None):
     vg = None
     if args.divergence == "forward_kl" and not args.no_analytic:
         vg = functools.partial(forward_kl_loss_and_grad, compiled=args.compile)
+    elif args.divergence == "reverse_kl" and not args.no_analytic:
+        vg = reverse_kl_loss_and_grad
     r, chunk = args.kd_ratio, args.chunk_size
 
     def run(impl):

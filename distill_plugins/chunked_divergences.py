@@ -233,6 +233,41 @@ def forward_kl_loss_and_grad(
     return ce_rows.sum(), kd_rows.sum(), grad
 
 
+def reverse_kl_loss_and_grad(
+    student: Tensor, teacher: Tensor, labels: Tensor, kd_ratio: float, need_grad: bool = True,
+    temperature: float = 1.0,
+):
+    """(sum CE, sum KL(q || p), d[(1 - r) CE + r KL] / d student or None) of a chunk, analytically.
+
+    With K the entries finite in both models, d_v = log q_v - log p_v and h_v = q_v (d_v + 1) on K
+    (0 elsewhere): KL = sum_K q d and dKL/ds_j = (h_j - q_j sum_K h) / T, the Triton kernel's formula.
+    Equals ``plain_kd_loss`` with ``divergences.reverse_kl`` and its autograd gradient, +-inf
+    semantics included (CE on the raw logits, as ``F.cross_entropy``)."""
+    s = student.float()
+    inv_temp = 1.0 / temperature
+    sk = s * inv_temp if temperature != 1.0 else s
+    tk = teacher.float() * inv_temp if temperature != 1.0 else teacher.float()
+    masked = torch.isinf(sk) | torch.isinf(tk)
+    any_masked = bool(masked.any())
+    if any_masked:
+        sk = sk.masked_fill(sk == float("inf"), float("-inf"))
+        tk = tk.masked_fill(tk == float("inf"), float("-inf"))
+    log_q = torch.log_softmax(sk, dim=-1)
+    d = log_q - torch.log_softmax(tk, dim=-1)
+    q = log_q.exp()
+    q_kept = q.masked_fill(masked, 0.0) if any_masked else q
+    if any_masked:
+        d.masked_fill_(masked, 0.0)
+    kd_rows = _row_dot(q_kept, d)
+    same = temperature == 1.0 and not bool((s == float("inf")).any())  # log_q is then log_softmax(s)
+    ce_rows, g_ce = _ce_rows_and_grad(log_q.clone() if same else torch.log_softmax(s, dim=-1), labels, need_grad)
+    if not need_grad:
+        return ce_rows.sum(), kd_rows.sum(), None
+    h = d.add_(1.0).mul_(q_kept)  # h_v, in place of d
+    grad = h.sub_(q * h.sum(-1, keepdim=True)).mul_(kd_ratio * inv_temp)
+    return ce_rows.sum(), kd_rows.sum(), grad.add_(g_ce, alpha=1.0 - kd_ratio)
+
+
 @dataclass
 class _Spec:
     labels: Tensor

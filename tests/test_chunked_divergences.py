@@ -8,7 +8,7 @@ import torch
 
 from distill_plugins.chunked_divergences import (
     FixedColumns, ProjectedLogits, chunked_kd_loss, cross_entropy_loss_and_grad, forward_kl_loss_and_grad,
-    fused_kd_loss, plain_kd_loss,
+    fused_kd_loss, plain_kd_loss, reverse_kl_loss_and_grad,
 )
 from distill_plugins.divergences import DIVERGENCES
 
@@ -75,14 +75,16 @@ def test_chunked_equals_plain(name, dtype):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("kd_ratio", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("with_inf", [False, True])
-def test_analytic_forward_kl_equals_autograd(dtype, temperature, kd_ratio, with_inf):
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_analytic_kl_equals_autograd(name, dtype, temperature, kd_ratio, with_inf):
     dt = DTYPES[dtype]
     s, t, labels = inputs(dt, seed=1)
     if not with_inf:
         s, t = torch.randn_like(s, dtype=torch.float32).to(dt).requires_grad_(), torch.randn_like(t, dtype=torch.float32).to(dt)
-    div = functools.partial(DIVERGENCES["forward_kl"], temperature=temperature)
+    div = functools.partial(DIVERGENCES[name], temperature=temperature)
     ref, g_ref = plain_with_grad(s, labels, t, div, kd_ratio)
-    fast = functools.partial(forward_kl_loss_and_grad, temperature=temperature)
+    analytic = forward_kl_loss_and_grad if name == "forward_kl" else reverse_kl_loss_and_grad
+    fast = functools.partial(analytic, temperature=temperature)
     out = chunked_kd_loss(s, labels, t, div, kd_ratio, chunk_size=7, loss_and_grad=fast)
     (g,) = torch.autograd.grad(out.loss, s)
     for a, b in ((out.loss, ref.loss), (out.ce, ref.ce), (out.kd, ref.kd)):
@@ -100,6 +102,21 @@ def test_analytic_forward_kl_against_float64():
     ce = torch.nn.functional.cross_entropy(s64, labels, reduction="sum")
     (g64,) = torch.autograd.grad(0.4 * ce + 0.6 * kl, s64)
     c, k, grad = forward_kl_loss_and_grad(s64.detach().float(), t64.float(), labels, 0.6, temperature=2.0)
+    torch.testing.assert_close(c.double(), ce.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(k.double(), kl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), g64, rtol=1e-5, atol=1e-6)
+
+
+def test_analytic_reverse_kl_against_float64():
+    g = torch.Generator().manual_seed(4)
+    s64, t64 = torch.randn(9, 30, generator=g, dtype=torch.float64) * 4, torch.randn(9, 30, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, 30, (9,), generator=g)
+    s64.requires_grad_()
+    log_q, log_p = torch.log_softmax(s64 / 2, -1), torch.log_softmax(t64 / 2, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum()
+    ce = torch.nn.functional.cross_entropy(s64, labels, reduction="sum")
+    (g64,) = torch.autograd.grad(0.4 * ce + 0.6 * kl, s64)
+    c, k, grad = reverse_kl_loss_and_grad(s64.detach().float(), t64.float(), labels, 0.6, temperature=2.0)
     torch.testing.assert_close(c.double(), ce.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(k.double(), kl.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), g64, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ from fairseq.logging import metrics
 from .. import policy_gradient as pg
 from ..chunked_divergences import (
     DEFAULT_CHUNK_SIZE, chunked_kd_loss, cross_entropy_loss_and_grad, forward_kl_loss_and_grad,
+    reverse_kl_loss_and_grad,
 )
 from ..divergences import forward_kl, reverse_kl
 from ..errors import DistillError, check
@@ -142,7 +143,7 @@ class MiniLLMCriterion(FairseqCriterion):
             teachers = teacher.logits(net_input)[m]
         labels = net_input["src_tokens"].new_zeros(n)  # unused: CE has weight 0
         res = chunked_kd_loss(logits[m], labels, teachers, reverse_kl, 1.0, self.cfg.kd_chunk_size,
-                              loss_and_grad=triton_chunk_kernel(logits.device, "reverse_kl"))
+                              loss_and_grad=triton_chunk_kernel(logits.device, "reverse_kl") or reverse_kl_loss_and_grad)
         return res.loss / n
 
     def pretraining_term(self, model, lm) -> pg.PretrainLoss:
