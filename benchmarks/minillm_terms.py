@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import measure  # noqa: E402
+from kd_step import SHAPES  # noqa: E402  (layers, dim, heads of the GPT-2 family)
 
-SHAPES = {"nano": (1, 64, 2), "tiny": (2, 128, 2), "mini": (4, 256, 4), "base": (12, 768, 12), "xl": (48, 1600, 25)}
 PRESETS = {  # teacher, student, vocab, sequence length, sequences per batch (rollout and LM batch each)
     "cpu-tiny": ("tiny", "nano", 1024, 64, 4),
     "cpu-small": ("mini", "tiny", 8192, 256, 8),
