@@ -260,7 +260,7 @@ def reverse_kl_loss_and_grad(
         d.masked_fill_(masked, 0.0)
     kd_rows = _row_dot(q_kept, d)
     same = temperature == 1.0 and not bool((s == float("inf")).any())  # log_q is then log_softmax(s)
-    ce_rows, g_ce = _ce_rows_and_grad(log_q.clone() if same else torch.log_softmax(s, dim=-1), labels, need_grad)
+    ce_rows, g_ce = _ce_rows_and_grad(log_q if same else torch.log_softmax(s, dim=-1), labels, need_grad)  # log_q: done with it
     if not need_grad:
         return ce_rows.sum(), kd_rows.sum(), None
     h = d.add_(1.0).mul_(q_kept)  # h_v, in place of d
