@@ -388,8 +388,9 @@ class _FusedKD(torch.autograd.Function):
 def _check(chunk_size: int, n: int, labels: Tensor, teachers: Teachers):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if labels.numel() != n or (teachers is not None and _count_rows(teachers) != n):
-        raise ValueError(f"{n} student rows, {labels.numel()} labels and {_count_rows(teachers)} teacher rows differ")
+    teacher_rows = n if teachers is None else _count_rows(teachers)  # None: the CE term alone
+    if labels.numel() != n or teacher_rows != n:
+        raise ValueError(f"{n} student rows, {labels.numel()} labels and {teacher_rows} teacher rows differ")
 
 
 def chunked_kd_loss(

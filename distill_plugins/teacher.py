@@ -142,6 +142,12 @@ class Teacher:
         hidden = self._forward(net_input, features_only=True)[mask]
         return ProjectedLogits(hidden, out.weight.to(hidden.device), out.fixed)
 
+    def rows(self, net_input: dict, mask: torch.Tensor, fused: bool):
+        """The teacher side of a chunked loss at ``mask``: ``projected_logits`` when ``fused`` and the
+        teacher allows it (rows made a chunk at a time), else its logits [N, V]."""
+        projected = self.projected_logits(net_input, mask) if fused else None
+        return projected if projected is not None else self.logits(net_input)[mask]
+
     def _forward(self, net_input: dict, **kwargs) -> torch.Tensor:
         src = net_input["src_tokens"]
         if self.device is None:

@@ -138,9 +138,7 @@ class MiniLLMCriterion(FairseqCriterion):
         n = int(m.sum())
         if n == 0:
             return logits.sum() * 0.0
-        teachers = teacher.projected_logits(net_input, m) if self.cfg.kd_impl == "fused" else None
-        if teachers is None:
-            teachers = teacher.logits(net_input)[m]
+        teachers = teacher.rows(net_input, m, fused=self.cfg.kd_impl == "fused")
         labels = net_input["src_tokens"].new_zeros(n)  # unused: CE has weight 0
         res = chunked_kd_loss(logits[m], labels, teachers, reverse_kl, 1.0, self.cfg.kd_chunk_size,
                               loss_and_grad=triton_chunk_kernel(logits.device, "reverse_kl") or reverse_kl_loss_and_grad)
@@ -160,9 +158,7 @@ class MiniLLMCriterion(FairseqCriterion):
         out = fusable_output(model) if fused else None
         teachers, loss_and_grad = None, cross_entropy_loss_and_grad
         if k > 0:
-            teachers = teacher.projected_logits(lm["net_input"], mask) if fused else None
-            if teachers is None:
-                teachers = teacher.logits(lm["net_input"])[mask]
+            teachers = teacher.rows(lm["net_input"], mask, fused)
             loss_and_grad = triton_chunk_kernel(labels.device, "forward_kl") or forward_kl_loss_and_grad
         res = student_side_loss(model, lm["net_input"], mask, labels, out, teachers, divergence=forward_kl,
                                 kd_ratio=k, chunk_size=cfg.kd_chunk_size, loss_and_grad=loss_and_grad)

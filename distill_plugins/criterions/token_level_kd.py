@@ -160,10 +160,8 @@ class TokenLevelKDCriterion(FairseqCriterion):
         """What ``divergence`` gets, a chunk of rows at a time, for --kd-impl chunked/fused: the
         teacher's logits at ``mask``; for fused made chunk by chunk from its hidden states when it has
         a plain output projection (``ProjectedLogits``). A list gives ``divergence`` a list of chunks."""
-        if self.cfg.kd_impl == "fused" and type(self).teacher_logits is TokenLevelKDCriterion.teacher_logits:
-            projected = self.task.teacher.projected_logits(sample["net_input"], mask)
-            if projected is not None:
-                return projected
+        if type(self).teacher_logits is TokenLevelKDCriterion.teacher_logits:
+            return self.task.teacher.rows(sample["net_input"], mask, fused=self.cfg.kd_impl == "fused")
         return self.teacher_logits(sample)[mask]
 
     def chunk_divergence(self):
