@@ -28,6 +28,7 @@ setup(
             "distill-export-hf=distill_plugins.cli.export_hf:main",
             "distill-train=distill_plugins.cli.train:main",
             "distill-launch=distill_plugins.cli.launch:main",
+            "distill-cache-teacher=distill_plugins.cli.cache_teacher:main",
         ]
     },
 )

@@ -71,8 +71,12 @@ def parse_args(argv=None):
     ap.add_argument("--kd-ratio", type=float, default=0.5)
     ap.add_argument("--kd-compile", action="store_true", help="ours: --kd-compile (torch.compile the forward-KL chunk kernel)")
     ap.add_argument("--compile-teacher", action="store_true", help="torch.compile our teacher's model")
+    ap.add_argument("--teacher-cache-k", type=int, default=64,
+                    help="run 'cached': top-K log-probs per token in the teacher cache (the vocabulary size: exact)")
     ap.add_argument("--reference-model", choices=["auto", "hf", "fairseq"], default="auto")
-    ap.add_argument("--run", default="ours,reference", help="which steps to measure: ours,reference")
+    ap.add_argument("--run", default="ours,reference",
+                    help="steps to measure, of ours,cached,reference (cached: ours trained from an offline teacher "
+                         "cache, --teacher-cache, built first from the same teacher and timed apart)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 3 on cuda, 1 on cpu)")
     ap.add_argument("--steps", type=int, help="timed steps (default 10 on cuda, 2 on cpu)")
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -90,8 +94,10 @@ def parse_args(argv=None):
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     args.steps = (10 if cuda else 2) if args.steps is None else args.steps
     args.run = [x.strip() for x in args.run.split(",") if x.strip()]
-    if not args.run or any(x not in ("ours", "reference") for x in args.run):
-        ap.error("--run takes ours, reference or ours,reference")
+    if not args.run or any(x not in ("ours", "cached", "reference") for x in args.run):
+        ap.error("--run takes a comma-separated list of ours, cached, reference")
+    if not 1 <= args.teacher_cache_k <= args.vocab:
+        ap.error(f"--teacher-cache-k must be in [1, --vocab {args.vocab}]")
     if args.vocab < 8 or args.seq_len < 2 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--vocab >= 8, --seq-len >= 2, --batch >= 1, --steps >= 1 and --warmup >= 0 are needed")
     if args.seq_len > 1024:
@@ -178,7 +184,11 @@ def parse_fairseq(argv):
     return convert_namespace_to_omegaconf(ns)
 
 
-def build_ours(args, device, data_dir):
+def build_cached(args, device, data_dir):
+    return build_ours(args, device, data_dir, cached=True)
+
+
+def build_ours(args, device, data_dir, cached=False):
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
@@ -198,10 +208,6 @@ def build_ours(args, device, data_dir):
     teacher = Teacher(teacher_model, path="(random init)", sha256="-", dtype=args.teacher_dtype, device=str(device))
     if args.compile_teacher:
         teacher.compile()  # what --teacher-compile does in the task
-    task.teachers = [teacher]
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    trainer = Trainer(cfg, task, model, criterion)
     src, tgt = make_batch(args, device)
     n = src.numel()
     sample = {
@@ -209,19 +215,56 @@ def build_ours(args, device, data_dir):
         "net_input": {"src_tokens": src, "src_lengths": torch.full((args.batch,), args.seq_len, device=device)},
         "target": tgt,
     }
+    cache_info = {}
+    if cached:  # what distill-cache-teacher does, on the benchmark's batch
+        cache_info = build_teacher_cache(args, task, teacher, sample, os.path.join(data_dir, "teacher-cache"), device)
+        p_teacher = count_params(teacher.model)
+        del teacher, teacher_model
+        from distill_plugins.teacher_cache import CachedTeacher
+
+        teacher = CachedTeacher(os.path.join(data_dir, "teacher-cache"), task)
+    task.teachers = [teacher]
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
 
     def step():
         trainer.train_step([sample])
 
     def state_bytes():
         opt = trainer.optimizer
-        return tensor_bytes(model, teacher.model, opt.optimizer, getattr(opt, "fp32_params", None),
+        return tensor_bytes(model, getattr(teacher, "model", None), opt.optimizer, getattr(opt, "fp32_params", None),
                             getattr(getattr(opt, "fp32_optimizer", None), "optimizer", None))
 
     info = {"kd_impl": str(criterion.cfg.kd_impl), "kd_chunk_size": criterion.cfg.kd_chunk_size,
             "criterion": args.criterion, "teacher_dtype": args.teacher_dtype,
-            "compile_teacher": args.compile_teacher, "kd_compile": args.kd_compile, "precision": args.precision}
-    return step, state_bytes, count_params(model), count_params(teacher.model), info
+            "compile_teacher": args.compile_teacher, "kd_compile": args.kd_compile, "precision": args.precision,
+            "teacher_in_step": not cached, **cache_info}
+    return step, state_bytes, count_params(model), p_teacher if cached else count_params(teacher.model), info
+
+
+def build_teacher_cache(args, task, teacher, sample, out, device):
+    """The cache of the batch's teacher rows (``teacher_cache.CacheWriter``, as distill-cache-teacher),
+    and the time of its teacher pass (inference mode, fused projection, top-k)."""
+    from distill_plugins.teacher import dictionary_fingerprint
+    from distill_plugins.teacher_cache import CacheWriter, batch_keys
+
+    pad = task.dictionary.pad()
+    mask = sample["target"].ne(pad)
+    os.makedirs(out)
+    counts = dict.fromkeys(batch_keys(sample["net_input"]["src_tokens"], mask, pad), args.seq_len)
+    writer = CacheWriter(out, counts, args.teacher_cache_k, args.vocab, "fp16")
+
+    def teacher_pass():
+        with torch.inference_mode():
+            writer.write(sample["net_input"]["src_tokens"], mask, pad, teacher.rows(sample["net_input"], mask, True))
+
+    teacher_pass()  # warm-up
+    wall, _cpu = measure.time_call(teacher_pass, device, warmup=0, repeats=1)
+    writer.finish({"teacher": teacher.record(), "dictionary": dictionary_fingerprint(task.dictionary),
+                   "tokens_per_sample": args.seq_len})
+    return {"teacher_cache_k": args.teacher_cache_k, "cache_build_s": wall,
+            "cache_build_tokens_per_s": mask.sum().item() / wall}
 
 
 # -- (b) reference --------------------------------------------------------------------------------
@@ -310,7 +353,7 @@ def measure_step(name, builder, args, device, data_dir, peak_flops):
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = state_bytes() + measure.peak_extra_bytes(step, device)
-    flops_per_token = 6 * p_student + 2 * p_teacher
+    flops_per_token = 6 * p_student + (2 * p_teacher if info.get("teacher_in_step", True) else 0)
     seconds = wall if device.type == "cuda" else cpu
     result = {
         **info,
@@ -344,17 +387,19 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as data_dir:
         write_dictionary(data_dir, args.vocab)
-        builders = {"ours": build_ours, "reference": build_reference}
+        builders = {"ours": build_ours, "cached": build_cached, "reference": build_reference}
         for name in args.run:
             results[name] = measure_step(name, builders[name], args, device, data_dir, peak_flops)
     ratios = {}
-    if len(results) == 2:
-        o, r = results["ours"], results["reference"]
-        ratios = {"tokens_per_s ours/reference": o["tokens_per_s"] / r["tokens_per_s"],
-                  "step_s ours/reference": o["step_s"] / r["step_s"],
-                  "cpu_s ours/reference": o["cpu_s"] / r["cpu_s"],
-                  "mfu ours/reference": o["mfu"] / r["mfu"],
-                  "peak_memory ours/reference": o["peak_gib"] / r["peak_gib"]}
+    if "reference" in results:
+        r = results["reference"]
+        for name, o in results.items():
+            if name != "reference":
+                ratios.update({f"tokens_per_s {name}/reference": o["tokens_per_s"] / r["tokens_per_s"],
+                               f"step_s {name}/reference": o["step_s"] / r["step_s"],
+                               f"cpu_s {name}/reference": o["cpu_s"] / r["cpu_s"],
+                               f"mfu {name}/reference": o["mfu"] / r["mfu"],
+                               f"peak_memory {name}/reference": o["peak_gib"] / r["peak_gib"]})
     out = {
         "benchmark": "kd_step",
         "config": {"preset": args.preset, "teacher": args.teacher, "student": args.student, "vocab": args.vocab,
@@ -385,10 +430,12 @@ def main(argv=None):
 
 
 def describe(name, r):
-    if name == "ours":
+    if name in ("ours", "cached"):
         return (f"fairseq Trainer, --criterion {r['criterion']} --kd-impl {r['kd_impl']}"
                 + (" --kd-compile" if r.get("kd_compile") else "") + f", teacher {r['teacher_dtype']}"
-                + (" compiled" if r.get("compile_teacher") else ""))
+                + (" compiled" if r.get("compile_teacher") else "")
+                + (f", from a top-{r['teacher_cache_k']} teacher cache (no teacher forward)" if r.get("teacher_cache_k")
+                   else ""))
     return f"{r['model']} models, {r['precision']}, full fp32 logits"
 
 

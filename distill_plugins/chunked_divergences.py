@@ -24,8 +24,8 @@ Columns of the vocabulary whose logit is a constant whatever the hidden state (`
 rows no token maps to, after a Hugging Face vocabulary import) are set after the projection on
 either side, and get no gradient, exactly as the models' own output layers do.
 
-The teacher side is either its logits [N, V] or ``ProjectedLogits(hidden, weight)``, whose rows are
-produced per chunk in the teacher's dtype; a list of either gives the divergence one teacher-logit
+The teacher side is either its logits [N, V] or a lazy source whose rows are produced per chunk
+(``ProjectedLogits(hidden, weight)`` in the teacher's dtype, or ``teacher_cache.CachedLogits``); a list of either gives the divergence one teacher-logit
 chunk per teacher (multi-teacher losses); with ``part_weights`` (w_1..w_K) the divergence returns
 [n, K] columns D_k, the KD term is sum_k w_k D_k and ``KDLoss.parts`` holds the K sums of D_k.
 Divergences are row-wise, so every chunk size gives the same result as the plain form; +-inf
@@ -94,17 +94,27 @@ class KDLoss(NamedTuple):
     parts: Optional[Tensor] = None  # [K] unweighted sums of the K parts (``part_weights``), no gradient
 
 
-def _teacher_rows(teachers: Teachers, start: int, end: int):
-    if isinstance(teachers, (list, tuple)) and not isinstance(teachers, ProjectedLogits):
-        return [_teacher_rows(t, start, end) for t in teachers]
-    if isinstance(teachers, ProjectedLogits):
+def _is_lazy(source) -> bool:
+    """Rows made on demand (``ProjectedLogits``, ``teacher_cache.CachedLogits``): ``rows(start, end)``."""
+    return not torch.is_tensor(source) and callable(getattr(source, "rows", None))
+
+
+def teacher_rows(teachers: Teachers, start: int, end: int):
+    if _is_lazy(teachers):
         with torch.no_grad():
             return teachers.rows(start, end)
+    if isinstance(teachers, (list, tuple)):
+        return [teacher_rows(t, start, end) for t in teachers]
     return teachers[start:end].detach()
 
 
+def dense_rows(source) -> Tensor:
+    """All rows of one teacher source as a tensor [N, V] (for the plain form)."""
+    return teacher_rows(source, 0, source.size(0)) if _is_lazy(source) else source
+
+
 def _count_rows(teachers: Teachers) -> int:
-    if isinstance(teachers, (list, tuple)) and not isinstance(teachers, ProjectedLogits):
+    if not _is_lazy(teachers) and isinstance(teachers, (list, tuple)):
         return _count_rows(teachers[0])
     return teachers.size(0)
 
@@ -284,7 +294,7 @@ class _Spec:
 def _chunk_loss(s: Tensor, spec: _Spec, start: int, end: int):
     """CE sum, KD sum and (if needed) d[(1 - r) CE + r KD] / ds, float32, for rows [start, end)."""
     labels = spec.labels[start:end]
-    teacher = _teacher_rows(spec.teachers, start, end) if spec.teachers is not None else None
+    teacher = teacher_rows(spec.teachers, start, end) if spec.teachers is not None else None
     r = spec.kd_ratio
     if spec.loss_and_grad is not None:
         ce, kd, grad = spec.loss_and_grad(s, teacher, labels, r, spec.need_grad)
@@ -388,9 +398,9 @@ class _FusedKD(torch.autograd.Function):
 def _check(chunk_size: int, n: int, labels: Tensor, teachers: Teachers):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    teacher_rows = n if teachers is None else _count_rows(teachers)  # None: the CE term alone
-    if labels.numel() != n or teacher_rows != n:
-        raise ValueError(f"{n} student rows, {labels.numel()} labels and {teacher_rows} teacher rows differ")
+    n_teacher = n if teachers is None else _count_rows(teachers)  # None: the CE term alone
+    if labels.numel() != n or n_teacher != n:
+        raise ValueError(f"{n} student rows, {labels.numel()} labels and {n_teacher} teacher rows differ")
 
 
 def chunked_kd_loss(

@@ -18,6 +18,7 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 
+from ..chunked_divergences import dense_rows
 from ..divergences import DIVERGENCES
 from ..errors import DistillError, check
 from .token_level_kd import TokenLevelKDConfig, TokenLevelKDCriterion
@@ -105,18 +106,15 @@ class MultiTeacherKDCriterion(TokenLevelKDCriterion):
     def kd_term(self, student, sample, mask):
         total, logs = 0.0, {}
         for k, (teacher, weight, divergence) in enumerate(zip(self.task.teachers, self.weights, self.divergences)):
-            d_k = divergence(student, teacher.logits(sample["net_input"])[mask]).sum()
+            d_k = divergence(student, dense_rows(teacher.rows(sample["net_input"], mask, fused=False))).sum()
             logs[f"kd_loss_{k}"] = d_k.data
             total = total + weight * d_k
         return total, logs
 
     # --kd-impl chunked/fused: every chunk gets each teacher's rows; the D_k are [n, K] columns
     def chunk_teachers(self, sample, mask):
-        sources = []
-        for teacher in self.task.teachers:
-            projected = teacher.projected_logits(sample["net_input"], mask) if self.cfg.kd_impl == "fused" else None
-            sources.append(projected if projected is not None else teacher.logits(sample["net_input"])[mask])
-        return sources
+        fused = self.cfg.kd_impl == "fused"
+        return [teacher.rows(sample["net_input"], mask, fused) for teacher in self.task.teachers]
 
     def chunk_divergence(self):
         divergences = self.divergences

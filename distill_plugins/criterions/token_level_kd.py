@@ -47,7 +47,7 @@ from fairseq.logging import metrics
 
 from .. import triton_kd
 from ..chunked_divergences import (
-    DEFAULT_CHUNK_SIZE, KDLoss, chunked_kd_loss, cross_entropy_loss_and_grad, fused_kd_loss,
+    DEFAULT_CHUNK_SIZE, KDLoss, chunked_kd_loss, cross_entropy_loss_and_grad, dense_rows, fused_kd_loss,
 )
 from ..errors import DistillError, check
 from ..output_projection import fusable_output, unwrap
@@ -142,13 +142,10 @@ class TokenLevelKDCriterion(FairseqCriterion):
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def teacher_logits(self, sample) -> torch.Tensor:
-        return self.task.teacher.logits(sample["net_input"])
-
     def kd_term(self, student: torch.Tensor, sample, mask: torch.Tensor):
         """Summed KD term over the response tokens (``student`` = their logits [N, V]) and extra
         logging entries (summed over micro-batches); multi-teacher criterions override this."""
-        teacher = self.teacher_logits(sample)[mask]
+        teacher = dense_rows(self.task.teacher.rows(sample["net_input"], mask, fused=False))
         return self.divergence(student, teacher).sum(), {}
 
     def chunk_loss_and_grad(self):
@@ -159,10 +156,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
     def chunk_teachers(self, sample, mask):
         """What ``divergence`` gets, a chunk of rows at a time, for --kd-impl chunked/fused: the
         teacher's logits at ``mask``; for fused made chunk by chunk from its hidden states when it has
-        a plain output projection (``ProjectedLogits``). A list gives ``divergence`` a list of chunks."""
-        if type(self).teacher_logits is TokenLevelKDCriterion.teacher_logits:
-            return self.task.teacher.rows(sample["net_input"], mask, fused=self.cfg.kd_impl == "fused")
-        return self.teacher_logits(sample)[mask]
+        a plain output projection (``ProjectedLogits``), or rebuilt chunk by chunk from a
+        ``--teacher-cache``. A list gives ``divergence`` a list of chunks."""
+        return self.task.teacher.rows(sample["net_input"], mask, fused=self.cfg.kd_impl == "fused")
 
     def chunk_divergence(self):
         """(divergence, part_weights) for --kd-impl chunked/fused: ``divergence`` by default; a

@@ -1,7 +1,8 @@
 """Task ``instruction_distillation``: a decoder-only LM trained on prompt -> response pairs.
 
 Without ``--teacher-path`` it is supervised fine-tuning (any criterion, e.g. fairseq's
-``cross_entropy``); with it, the distillation criterions get the teacher's logits. Data come from
+``cross_entropy``); with it, the distillation criterions get the teacher's logits, and with
+``--teacher-cache`` (``teacher_cache.py``) its cached top-k log-probabilities instead. Data come from
 ``distill-prepare`` (``{split}.src-tgt.{src,tgt}`` with one joined dictionary).
 
 With ``--lm-data DIR`` every training batch also carries ``sample["lm"]``, a batch of a
@@ -35,6 +36,7 @@ from ..generation import PromptSequenceGenerator
 from ..prefill_generator import PrefillGenerator, prefill_applicable
 from ..resume import restored_task_state
 from ..teacher import Teacher, dictionary_fingerprint
+from ..teacher_cache import CachedTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,12 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
         default=None,
         metadata={"help": "fairseq checkpoint or Hugging Face checkpoint directory of the teacher (needed by every KD criterion); several "
                           "comma-separated checkpoints for multi-teacher criterions, the first is task.teacher"},
+    )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "instead of --teacher-path: a teacher cache made by distill-cache-teacher (the teacher's "
+                          "top-k log-probabilities at every label token; no teacher forward during training); several "
+                          "comma-separated caches for multi-teacher criterions"},
     )
     teacher_dtype: ChoiceEnum(["fp32", "fp16", "bf16"]) = field(
         default="fp32", metadata={"help": "dtype the frozen teacher runs in"}
@@ -148,6 +156,9 @@ class InstructionDistillationTask(FairseqTask):
             parts[0], parts[1], self.dictionary, max_len=self.cfg.tokens_per_sample, shuffle=(split == "train")
         )
         logger.info(f"{split}: {len(self.datasets[split])} examples")
+        for t in self.teachers:
+            if isinstance(t, CachedTeacher):
+                t.check_dataset(self.datasets[split], split)
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
                            ignore_invalid_inputs=False, required_batch_size_multiple=1, **kwargs):
@@ -167,7 +178,12 @@ class InstructionDistillationTask(FairseqTask):
         """The (first) teacher, or None for supervised fine-tuning."""
         return self.teachers[0] if self.teachers else None
 
+    # a task whose criterion scores sequences the student generates needs the teacher itself
+    scores_generated_sequences = False
+
     def load_teachers(self) -> List[Teacher]:
+        if self.cfg.teacher_cache and not self.teachers:
+            self.teachers = self.load_teacher_caches()
         if self.cfg.teacher_path and not self.teachers:
             paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
             self.teachers = [
@@ -181,6 +197,22 @@ class InstructionDistillationTask(FairseqTask):
                 for t in self.teachers:
                     t.compile()
         return self.teachers
+
+    def load_teacher_caches(self) -> list:
+        check(not self.cfg.teacher_path, "--teacher-path and --teacher-cache both given; pass one of them")
+        live = ("--student-data-mode " + str(self.cfg.student_data_mode) if self.student_data is not None
+                else "this task" if self.scores_generated_sequences else None)
+        if live is not None:
+            raise DistillError(f"{live} scores sequences the student generates, which a teacher cache cannot hold; "
+                               "pass --teacher-path instead of --teacher-cache")
+        check(self.cfg.teacher_sharding == "replicated",
+              "--teacher-sharding fsdp shards a teacher model; a --teacher-cache has none: drop the option")
+        paths = [p.strip() for p in self.cfg.teacher_cache.split(",") if p.strip()]
+        caches = [CachedTeacher(p, self) for p in paths]
+        for split, dataset in self.datasets.items():  # those loaded before the criterion (valid)
+            for cache in caches:
+                cache.check_dataset(dataset, split)
+        return caches
 
     def build_criterion(self, cfg, from_checkpoint=False):
         # The teacher is loaded here, not in build_model: generating with or evaluating the

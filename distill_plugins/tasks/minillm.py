@@ -73,6 +73,7 @@ class MiniLLMTaskConfig(InstructionDistillationConfig):
 class MiniLLMTask(InstructionDistillationTask):
     cfg: MiniLLMTaskConfig
     provides_rollouts = True
+    scores_generated_sequences = True  # rollouts: no --teacher-cache
 
     def __init__(self, cfg: MiniLLMTaskConfig, dictionary: Dictionary):
         super().__init__(cfg, dictionary)
