@@ -7,7 +7,8 @@
 #
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
-#             fused Triton loss) and the plain HF reference in one run; then ours with --compile-teacher
+#             fused Triton loss), ours from a top-64 teacher cache (--teacher-cache) and the plain HF
+#             reference in one run; then ours with --compile-teacher
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
@@ -51,7 +52,8 @@ else
   LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
 fi
 stage kernels 150 python3 -m pytest -q tests/gpu
-stage step 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --json "$R/step.json"
+stage step 280 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,cached,reference \
+  --json "$R/step.json"
 stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
   --compile-teacher --json "$R/step_compile.json"
 for d in forward_kl reverse_kl skew_kl; do

@@ -9,6 +9,10 @@
     ``--teacher-dtype``, no grad; ``--compile-teacher`` is the task's ``--teacher-compile``).
     ``--precision bf16``/``fp16`` is fairseq's ``--bf16``/``--fp16`` (half-precision student, fp32
     master weights).
+(a') ``cached`` (``--run ours,cached,reference``): ``ours`` trained from an offline teacher cache of the
+    same teacher (``--teacher-cache``, top ``--teacher-cache-k`` log-probs per token; built first with
+    ``teacher_cache.CacheWriter`` as ``distill-cache-teacher`` does, and timed apart); its MFU counts
+    the FLOPs the step does (6 P_student).
 (b) ``reference``: the step as the reference code writes it (DistiLLM/MiniLLM with HF models): the
     student and the fp32-weight teacher run under autocast(``--precision``), the teacher under
     ``torch.no_grad``; both [N, V] logits go through fp32 softmax / log_softmax, masked product and
@@ -425,6 +429,12 @@ def main(argv=None):
     ]))
     if ratios:
         print("\n" + "\n".join(f"{k}: {val:.3f}" for k, val in ratios.items()))
+    if "cached" in results:
+        c = results["cached"]
+        print(f"\ncached: building the cache for these tokens took {c['cache_build_s']:.3f} s "
+              f"({c['cache_build_tokens_per_s']:,.0f} tokens/s: teacher forward, top-{c['teacher_cache_k']}, write), "
+              "once per example and not per epoch or run; the cached step does no teacher forward "
+              "(its MFU counts the student's 6N only)")
     measure.write_json(args.json, out)
     return out
 

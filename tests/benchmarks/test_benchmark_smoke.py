@@ -29,8 +29,12 @@ def test_kd_loss_benchmark_reports_every_implementation(tmp_path):
 
 
 def test_kd_step_benchmark_reports_ours_and_reference(tmp_path):
-    data, table = bench("kd_step", tmp_path, "--steps", "1", "--warmup", "0", "--kd-impl", "fused")
-    assert set(data["results"]) == {"ours", "reference"}
+    data, table = bench("kd_step", tmp_path, "--steps", "1", "--warmup", "0", "--kd-impl", "fused",
+                        "--run", "ours,cached,reference", "--teacher-cache-k", "16")
+    assert set(data["results"]) == {"ours", "cached", "reference"}
+    cached = data["results"]["cached"]
+    assert cached["teacher_cache_k"] == 16 and not cached["teacher_in_step"] and positive(cached["cache_build_s"])
+    assert positive(data["ratios"]["tokens_per_s cached/reference"])
     assert data["results"]["ours"]["kd_impl"] == "fused"
     for name, res in data["results"].items():
         for key in ("tokens_per_s", "step_s", "cpu_s", "mfu", "peak_gib", "student_params", "teacher_params"):
