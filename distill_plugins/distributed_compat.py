@@ -1,4 +1,4 @@
-"""Two fixes that fairseq 0.12.3's multi-process training needs on torch 2.13.
+"""Fixes that fairseq 0.12.3's multi-process training needs on torch 2.13, and one hook.
 
 1. ``--ddp-backend pytorch_ddp`` (fairseq's default) on CPU workers. fairseq always builds
    ``DistributedDataParallel(module, device_ids=[device_id], output_device=device_id)``
@@ -14,6 +14,13 @@
    ``DictConfig``, so every worker but rank 0 died with "Unsupported global: GLOBAL
    omegaconf.dictconfig.DictConfig". The receiving side now unpickles fully: the bytes are the
    state that rank 0 of the same job has just loaded from the checkpoint it was given.
+
+3. Every worker's own task state in the checkpoint. fairseq writes the checkpoint, and calls
+   ``task.state_dict()``, on rank 0 alone, so what each worker keeps for itself (its replay
+   buffer, its MiniLLM rollout store) was lost for ranks > 0. ``save_checkpoint`` calls
+   ``trainer.consolidate_optimizer()`` on every worker right before rank 0 writes; that call now
+   first runs the task's ``gather_worker_states()`` (if it has one), a collective that hands rank 0
+   every worker's state for its ``state_dict``.
 """
 import io
 
@@ -47,9 +54,26 @@ def receive_trusted_object(send_object):
     return broadcast_object_slow
 
 
+def gather_worker_states_first(consolidate_optimizer):
+    """``Trainer.consolidate_optimizer`` that first lets the task gather its workers' states."""
+
+    def consolidate(self):
+        gather = getattr(self.task, "gather_worker_states", None)
+        if gather is not None:
+            gather()
+        return consolidate_optimizer(self)
+
+    consolidate._distill_patched = True
+    return consolidate
+
+
 def apply():
     from fairseq.distributed import utils as du
     from fairseq.models import distributed_fairseq_model
+    from fairseq.trainer import Trainer
+
+    if not getattr(Trainer.consolidate_optimizer, "_distill_patched", False):
+        Trainer.consolidate_optimizer = gather_worker_states_first(Trainer.consolidate_optimizer)
 
     if not issubclass(distributed_fairseq_model.DistributedDataParallel, CPUAwareDistributedDataParallel):
         distributed_fairseq_model.DistributedDataParallel = CPUAwareDistributedDataParallel

@@ -160,3 +160,25 @@ def in_memory_kd_task(tokens_per_sample, words=30):
     student = tiny_model(task, seed=1)
     task.teachers = [Teacher(tiny_model(task, seed=2), path="<in memory>", sha256="0" * 64)]
     return task, student
+
+
+# pytest-xdist (--dist loadfile) hands whole files to the 2 workers in collection order; the files
+# with the longest runs go first, so that no long file starts last while the other worker idles.
+LONGEST_FIRST = [
+    "takd/test_chain.py", "cli/test_bad_input.py", "distributed/test_data_parallel.py",
+    "cli/test_train_generate_score.py", "takd/test_chain_pretrained.py", "hf/test_hf_training.py",
+    "cli/test_teacher_cache_cli.py", "hf/test_hf_errors.py", "generated/test_student_data_cli.py",
+    "hf/test_hf_data_parallel.py", "cli/test_kd_impl.py", "distributed/test_minillm_data_parallel.py",
+    "distributed/test_teacher_precision.py", "generated/test_buffer_resume_cli.py",
+    "minillm/test_minillm_resume.py", "benchmarks/test_benchmark_smoke.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def key(item):
+        return rank.get(os.path.relpath(str(item.fspath), here).replace(os.sep, "/"), len(rank))
+
+    items.sort(key=key)  # stable: the order inside a file and among the other files is kept

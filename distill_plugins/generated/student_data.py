@@ -20,11 +20,12 @@ it keeps only the first n of its (randomly drawn) examples with n * longest <= `
 Resume: tau, the reference dev loss and the replay buffer's contents (token tensors, see
 ``replay_buffer``) and sampling state are saved in the task state, and restored from the resumed
 checkpoint at the first step (``distill_plugins/resume.py``).
-With several data-parallel workers only rank 0's buffer is saved (fairseq writes the checkpoint,
-and calls the task's ``state_dict``, on rank 0 alone); on resume every worker, whatever their number
-now, starts from a copy of it and samples it with its own random stream (rank 0 also gets its
-sampling state back, so a single-worker run resumes exactly as if uninterrupted). Workers that
-restored the same copy may replay the same sequence in one update while the copies age out.
+With several data-parallel workers every worker's buffer is saved (fairseq writes the checkpoint on
+rank 0 alone; the task gathers the workers' states first, ``distributed_compat.py``): resumed on as
+many workers, each gets its own buffer and sampling state back, as if uninterrupted. Resumed on
+another number of workers, every worker starts from a copy of rank 0's buffer and samples it with
+its own random stream; workers that restored the same copy may replay the same sequence in one
+update while the copies age out.
 """
 import json
 import logging
@@ -107,7 +108,8 @@ class StudentData:
         return self.task.dictionary.pad() if self.task is not None else 1
 
     def state_dict(self) -> dict:
-        """Called by fairseq on the worker that writes the checkpoint (rank 0): its buffer is saved."""
+        """This worker's threshold, buffer and sampling state (rank 0's is the checkpoint's own; every
+        worker's goes into its ``workers`` list)."""
         return {**self.threshold.state_dict(), "buffer_fill": len(self.buffer), "mode": self.mode,
                 "buffer": self.buffer.state_dict(self._pad()), "buffer_rank": self.rank, "world": self.world}
 
@@ -131,7 +133,7 @@ class StudentData:
         """First step: restore the state of a resumed run (read by the task), or measure the initial
         model's dev loss."""
         self._started = True
-        saved = task.restored_state.get("student_data")
+        saved = task.own_restored_state("student_data")
         if saved:
             self.load_state_dict(saved)
             return

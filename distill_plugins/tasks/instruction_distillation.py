@@ -21,12 +21,14 @@ from typing import List, Optional
 import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils
+from fairseq.distributed import utils as distributed_utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..data.lm_corpus import LMCorpus
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
+from ..data.sharded_order import rank_and_world
 from ..data.world_size_resume import track_world_size
 from ..errors import DistillError, check
 from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
@@ -242,7 +244,36 @@ class InstructionDistillationTask(FairseqTask):
             "teachers": [t.record() for t in self.teachers],
             "student_data": self.student_data.state_dict() if self.student_data is not None else None,
             "lm_order": self.lm_corpus.order.state_dict() if self.lm_corpus is not None else None,
+            "workers": getattr(self, "_worker_states", None),
         }
+
+    # -- every worker's own state in the checkpoint (distributed_compat.py, fix 3) ------------------
+    def worker_state(self) -> Optional[dict]:
+        """What this worker keeps for itself, which rank 0's ``state_dict`` alone would miss (its replay
+        buffer); None: nothing."""
+        return {"student_data": self.student_data.state_dict()} if self.student_data is not None else None
+
+    def gather_worker_states(self) -> None:
+        """Called on every worker right before rank 0 writes a checkpoint: rank 0 gets all workers'
+        ``worker_state`` for its ``state_dict`` ("workers", indexed by rank)."""
+        self._worker_states = None
+        rank, world = rank_and_world()
+        own = self.worker_state()
+        if world <= 1 or own is None:
+            return
+        states = [None] * world
+        torch.distributed.all_gather_object(states, own, group=distributed_utils.get_data_parallel_group())
+        self._worker_states = states
+
+    def own_restored_state(self, key: str):
+        """``key`` of the resumed task state as this worker saved it, when the number of workers is the
+        same; else the checkpoint's own (rank 0's)."""
+        state = self.restored_state or {}
+        workers = state.get("workers")
+        rank, world = rank_and_world()
+        if workers and len(workers) == world and key in (workers[rank] or {}):
+            return workers[rank][key]
+        return state.get(key)
 
     def restore_training_state(self, update_num: int):
         """At the first train_step: read the resumed checkpoint's task state (``resume.py``) and

@@ -16,9 +16,10 @@ micro-batches. A pass never spills into the next; the last minibatch of a pass m
 Resume: the store (rollouts, the rest of the current pass, the shuffling state), the prompt order
 and the --lm-data order are saved in the task state and restored at the first step, so a resumed
 single-worker run trains on what an uninterrupted one would (fairseq reseeds torch per update).
-fairseq writes the checkpoint on rank 0 alone: with several workers rank 0 resumes its own store
-and the others start a new collection; every worker continues the prompt order at rank 0's position
-(all take the same number of prompts per collection).
+With several workers every worker's store is saved too (the task gathers them before rank 0 writes,
+``distributed_compat.py``): resumed on as many workers, each continues its own collection; on another
+number of workers rank 0 resumes its store and the others start a new collection, all continuing
+the prompt order at rank 0's position (all take the same number of prompts per collection).
 
 The student is in eval mode (no dropout) during rollouts and training (MiniLLM model.py). With
 ``--lm-data`` each minibatch also gets a language-modelling batch for the criterion's L_pt term
@@ -93,18 +94,23 @@ class MiniLLMTask(InstructionDistillationTask):
         self.collections = 0
 
     # -- checkpoint state ------------------------------------------------------------------------
-    def state_dict(self):
+    def minillm_state(self) -> dict:
         rank, world = rank_and_world()
-        return {**super().state_dict(), "minillm": {
-            "store": self.store.state_dict(self.dictionary.pad()), "collections": self.collections,
-            "prompt_order": self._prompt_order.state_dict() if self._prompt_order is not None else None,
-            "rank": rank, "world": world}}
+        return {"store": self.store.state_dict(self.dictionary.pad()), "collections": self.collections,
+                "prompt_order": self._prompt_order.state_dict() if self._prompt_order is not None else None,
+                "rank": rank, "world": world}
+
+    def state_dict(self):
+        return {**super().state_dict(), "minillm": self.minillm_state()}
+
+    def worker_state(self):
+        return {**(super().worker_state() or {}), "minillm": self.minillm_state()}
 
     def restore_training_state(self, update_num: int):
         if self.restored_state is not None:
             return
         super().restore_training_state(update_num)
-        saved = self.restored_state.get("minillm")
+        saved = self.own_restored_state("minillm")
         if not saved:
             return
         self.collections = int(saved["collections"])

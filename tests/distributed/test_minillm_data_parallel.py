@@ -1,6 +1,7 @@
-"""MiniLLM on 2 CPU workers, interrupted inside a collection and resumed on 2 workers: rank 0 finishes
-its saved collection and the run completes (the packed rollouts travel in fairseq's broadcast of the
-checkpoint, which takes neither int16 on gloo nor on NCCL)."""
+"""MiniLLM on 2 CPU workers, interrupted inside a collection and resumed on 2 workers: every worker's
+rollout store is in the checkpoint, each worker finishes its own saved collection and the run
+completes (the packed rollouts travel in fairseq's broadcast of the checkpoint, which takes neither
+int16 on gloo nor on NCCL)."""
 import torch
 
 from dist_helpers import train_two
@@ -16,9 +17,14 @@ def test_two_workers_resume_inside_a_collection(data_bin, teacher_ckpt, tmp_path
     train_two(data_bin, tmp_path, *args, max_update=2)
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["task_state"]
     assert state["minillm"]["world"] == 2 and state["minillm"]["store"]["epochs_done"] == 1
+    saved = [w["minillm"] for w in state["workers"]]  # every worker's own store, by rank
+    assert [w["rank"] for w in saved] == [0, 1] and [w["store"]["epochs_done"] for w in saved] == [1, 1]
     proc = train_two(data_bin, tmp_path, *args, max_update=3)
     log = proc.stdout + proc.stderr
     assert "training on 2 devices" in log and "num_updates=3" in log
     assert "resumed collection 1: 8 rollouts, pass 1 of 2, 0 left in it" in log  # rank 0 (other ranks log warnings only)
-    end = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["task_state"]["minillm"]
-    assert end["collections"] == 1 and end["store"]["epochs_done"] == 2 and end["prompt_order"]["pos"] == 8
+    end = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["task_state"]
+    # both workers finished their saved collection (a worker that started anew would be at collection 2, pass 1)
+    for w in end["workers"]:
+        m = w["minillm"]
+        assert m["collections"] == 1 and m["store"]["epochs_done"] == 2 and m["prompt_order"]["pos"] == 8, m
