@@ -13,8 +13,9 @@ log p_i (float32 softmax of the teacher's logits at T = 1) and
 
 a distribution that keeps the top-k probabilities exactly and spreads the rest of the mass evenly, so every
 divergence, chunked or fused path and the Triton kernel run unchanged (at temperature T on softmax(z / T)).
-With k = V and ``--cache-dtype fp32`` it is the teacher itself (tests/test_teacher_cache.py; the sparse
-top-k approximation of e.g. Raman et al. 2023 renormalises over K instead and drops the tail).
+With k = V and ``--cache-dtype fp32`` it is the teacher itself (tests/test_teacher_cache.py).
+``--teacher-cache-tail none`` instead renormalises the teacher over K (plain top-k distillation): the
+other entries become -inf, which the divergences mask (``divergences.py``).
 
 Examples are found by content, not by index: key = blake2b-64 of (source tokens, number of labels), so the
 cache serves any order, sharding or subset of the data it was built from, duplicates are stored once, and a
@@ -184,6 +185,7 @@ class CachedTeacher:
         self.vocab, self.k = int(self.meta["vocab"]), int(self.meta["top_k"])
         self.sha256 = self.meta["teacher"]["sha256"]
         self.pad = task.target_dictionary.pad()
+        self.tail_mass = str(getattr(task.cfg, "teacher_cache_tail", "even"))
         logger.info(f"teacher cache {path}: {len(self.keys):,} examples, {len(self.tail):,} label tokens, top-{self.k} "
                     f"of {self.vocab} ({self.meta['cache_dtype']}), teacher sha256 {self.sha256[:12]}")
 
@@ -215,7 +217,10 @@ class CachedTeacher:
         device = mask.device
         ids = torch.from_numpy(self.ids[rows].astype(np.int64)).to(device)
         logp = torch.from_numpy(self.logp[rows].astype(np.float32)).to(device)
-        tail = torch.from_numpy(self.tail[rows].astype(np.float32)).to(device)
+        if self.tail_mass == "none":  # renormalised over the top-k: the other entries are -inf (masked)
+            tail = torch.full((len(rows),), -math.inf, device=device)
+        else:
+            tail = torch.from_numpy(self.tail[rows].astype(np.float32)).to(device)
         return CachedLogits(ids, logp, tail, self.vocab)
 
     def rows(self, net_input: dict, mask: Tensor, fused: bool):

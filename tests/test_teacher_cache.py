@@ -128,6 +128,25 @@ def test_float64_reference_of_the_cached_forward_kl():
     assert (ours - full).abs().max() > 1e-3
 
 
+def test_tail_none_is_top_k_renormalised():
+    """--teacher-cache-tail none: the rebuilt rows are -inf outside the top-k, and forward KL is the
+    KL of the teacher renormalised over its top-k (float64 reference)."""
+    n, vocab, k = 5, 21, 6
+    z = random_logits(n, vocab, seed=12, with_inf=False)
+    s = torch.randn(n, vocab, dtype=torch.float64, requires_grad=True)
+    ids, top, _tail = top_k_rows(z, k)
+    rows = CachedLogits(ids, top, torch.full((n,), -math.inf, dtype=torch.float64), vocab).rows(0, n)
+    ours = DIVERGENCES["forward_kl"](s, rows)
+    g_ours, = torch.autograd.grad(ours.sum(), s)
+    p = torch.softmax(z, -1).gather(-1, ids)
+    p = p / p.sum(-1, keepdim=True)
+    log_q = torch.log_softmax(s, -1)
+    ref = (p * (p.log() - log_q.gather(-1, ids))).sum(-1)
+    g_ref, = torch.autograd.grad(ref.sum(), s)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
 def test_multi_teacher_and_empty_batch():
     vocab = 17
     a = CachedLogits(*top_k_rows(random_logits(5, vocab, 1, with_inf=False).float(), 3), vocab)

@@ -64,6 +64,11 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
                           "top-k log-probabilities at every label token; no teacher forward during training); several "
                           "comma-separated caches for multi-teacher criterions"},
     )
+    teacher_cache_tail: ChoiceEnum(["even", "none"]) = field(
+        default="even", metadata={"help": "with --teacher-cache, the mass outside the cached top-k: even (spread "
+                                          "evenly over the other tokens) or none (the teacher renormalised over its "
+                                          "top-k; those entries are masked in the divergences)"}
+    )
     teacher_dtype: ChoiceEnum(["fp32", "fp16", "bf16"]) = field(
         default="fp32", metadata={"help": "dtype the frozen teacher runs in"}
     )

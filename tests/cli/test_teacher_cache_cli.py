@@ -61,7 +61,7 @@ def test_top_k_cache_trains_and_saves_its_record(data_bin, teacher_ckpt, tmp_pat
     assert np.load(tmp_path / "top8" / "ids.npy", mmap_mode="r").dtype == np.uint16
     assert np.load(tmp_path / "top8" / "logp.npy", mmap_mode="r").dtype == np.float16
     proc = train(data_bin, tmp_path / "ckpt", "--criterion", "skew_kl", "--teacher-cache", str(tmp_path / "top8"),
-                 max_update=3)
+                 "--teacher-cache-tail", "none", max_update=3)
     log = updates(proc.stdout + proc.stderr)
     assert sorted(log) == [1, 2, 3] and all(np.isfinite(v).all() for v in log.values())
     import torch
