@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -207,8 +208,10 @@ class CachedTeacher:
 
     def check_dataset(self, dataset, split: str) -> None:
         """Refuse, before training, a split whose examples the cache does not hold."""
+        t0 = time.time()
         keys = np.array([key for key, _n in dataset_keys(dataset, self.pad)], dtype=np.uint64)
         self._find(keys, f"the '{split}' split")
+        logger.info(f"teacher cache: all {len(keys):,} examples of '{split}' are cached ({time.time() - t0:.1f}s)")
 
     def cached_logits(self, net_input: dict, mask: Tensor) -> CachedLogits:
         keys = np.asarray(batch_keys(net_input["src_tokens"], mask, self.pad), dtype=np.uint64)
