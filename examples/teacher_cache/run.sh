@@ -1,41 +1,25 @@
 #!/usr/bin/env bash
-# Offline teacher cache on the bundled Dolly subset, after examples/dolly/run.sh (CPU, about 6 minutes):
+# Offline teacher cache on the bundled Dolly subset (CPU, about 6 minutes once the teacher exists):
 #   1. distill-cache-teacher   the Dolly teacher's top-K log-probs at every label token of train + valid
 #   2. student KD, live        fairseq-train --criterion skew_kl --teacher-path <teacher>   (as the default job)
 #   3. student KD, cached      the same with --teacher-cache <cache>: no teacher forward in the steps,
 #                              once with the tail mass spread evenly (default), once renormalised over the top-K
 #   4. compare                 wall time of the training runs and their dev CE (nll_loss, comparable)
-# Outputs: data-bin/dolly-teacher-topK, checkpoints/teacher_cache/, results/teacher_cache/summary.md.
+# Uses the teacher of examples/dolly/run.sh (examples/common.sh trains one when it is missing).
+# Outputs: data-bin/dolly-teacher-topK, checkpoints/dolly/teacher_cache/, results/teacher_cache/summary.md.
 # Environment knobs: TOP_K (default 64), STUDENT_UPDATES (default 100, as the default job).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-bash scripts/setup_env.sh
-source .venv/bin/activate
-export PYTHONUNBUFFERED=1
-
-DATA=data-bin/dolly
-TEACHER=checkpoints/dolly/teacher/checkpoint_best.pt
+OUT=${OUT:-results/teacher_cache}
+source "$(dirname "$0")/../common.sh"   # environment, data, teacher (built when missing, as in examples/dolly)
 TOP_K=${TOP_K:-64}
 STUDENT_UPDATES=${STUDENT_UPDATES:-100}
 CACHE=data-bin/dolly-teacher-top$TOP_K
-CK=checkpoints/teacher_cache
-OUT=results/teacher_cache
-if [ ! -f "$TEACHER" ] || [ ! -f "$DATA/dict.src.txt" ]; then
-  echo "error: $TEACHER or $DATA is missing; run 'bash examples/dolly/run.sh' first" >&2
-  exit 1
-fi
-rm -rf "$CK" "$OUT"
+rm -rf "$CK/teacher_cache" "$OUT"
 mkdir -p "$OUT"
-start=$(date +%s)
-step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
 step "1/4 cache the teacher: top-$TOP_K log-probs at every label token of train and valid"
 distill-cache-teacher --data "$DATA" --teacher "$TEACHER" --out "$CACHE" --top-k "$TOP_K" --overwrite
 
-TRAIN=(fairseq-train "$DATA" --user-dir distill_plugins --task instruction_distillation --cpu
-  --optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 30
-  --clip-norm 1.0 --max-tokens 4096 --log-format simple --log-interval 25 --no-epoch-checkpoints
-  --seed 1 --num-workers 0 --arch kd_gpt2_tiny --criterion skew_kl --skew-alpha 0.1 --kd-ratio 0.5
+KD=("${TRAIN[@]}" --arch kd_gpt2_tiny --criterion skew_kl --skew-alpha 0.1 --kd-ratio 0.5
   --max-update "$STUDENT_UPDATES")
 declare -A SECONDS_OF
 for run in live cached cached_tail_none; do
@@ -46,8 +30,8 @@ for run in live cached cached_tail_none; do
   esac
   step "$n/4 student kd_gpt2_tiny, skew KL, $STUDENT_UPDATES updates, teacher: $run"
   t0=$(date +%s)
-  "${TRAIN[@]}" "${teacher[@]}" --save-dir "$CK/$run" 2>&1 | tee "$OUT/train_$run.log" \
-    | grep --line-buffered -E "train_inner|valid on|done training|teacher cache"
+  "${KD[@]}" "${teacher[@]}" --save-dir "$CK/teacher_cache/$run" 2>&1 | tee "$OUT/train_$run.log" \
+    | SHOW_PATTERN="valid on|done training|teacher cache|error" show
   SECONDS_OF[$run]=$(( $(date +%s) - t0 ))
 done
 
