@@ -17,10 +17,13 @@
 
 3. Every worker's own task state in the checkpoint. fairseq writes the checkpoint, and calls
    ``task.state_dict()``, on rank 0 alone, so what each worker keeps for itself (its replay
-   buffer, its MiniLLM rollout store) was lost for ranks > 0. ``save_checkpoint`` calls
-   ``trainer.consolidate_optimizer()`` on every worker right before rank 0 writes; that call now
-   first runs the task's ``gather_worker_states()`` (if it has one), a collective that hands rank 0
-   every worker's state for its ``state_dict``.
+   buffer, its MiniLLM rollout store) was lost for ranks > 0. fairseq-train calls
+   ``checkpoint_utils.save_checkpoint`` on every worker; it now first runs the task's
+   ``gather_worker_states()`` (if it has one), a collective that hands rank 0 every worker's state
+   for its ``state_dict``. (Not in ``Trainer.consolidate_optimizer``, which also runs on the one
+   worker that crashed, before its ``crash.pt``: a collective there would hang the job.) The
+   function object keeps fairseq's ``save_checkpoint.best`` (the best validation loss), which
+   fairseq reads and writes through the module attribute, so it stays on the wrapper.
 """
 import io
 
@@ -54,26 +57,26 @@ def receive_trusted_object(send_object):
     return broadcast_object_slow
 
 
-def gather_worker_states_first(consolidate_optimizer):
-    """``Trainer.consolidate_optimizer`` that first lets the task gather its workers' states."""
+def gather_worker_states_first(save_checkpoint):
+    """``checkpoint_utils.save_checkpoint`` that first lets the task gather its workers' states."""
 
-    def consolidate(self):
-        gather = getattr(self.task, "gather_worker_states", None)
-        if gather is not None:
+    def save(cfg, trainer, epoch_itr, val_loss):
+        gather = getattr(trainer.task, "gather_worker_states", None)
+        if gather is not None and not cfg.no_save:
             gather()
-        return consolidate_optimizer(self)
+        return save_checkpoint(cfg, trainer, epoch_itr, val_loss)
 
-    consolidate._distill_patched = True
-    return consolidate
+    save._distill_patched = True
+    return save
 
 
 def apply():
     from fairseq.distributed import utils as du
     from fairseq.models import distributed_fairseq_model
-    from fairseq.trainer import Trainer
+    from fairseq import checkpoint_utils
 
-    if not getattr(Trainer.consolidate_optimizer, "_distill_patched", False):
-        Trainer.consolidate_optimizer = gather_worker_states_first(Trainer.consolidate_optimizer)
+    if not getattr(checkpoint_utils.save_checkpoint, "_distill_patched", False):
+        checkpoint_utils.save_checkpoint = gather_worker_states_first(checkpoint_utils.save_checkpoint)
 
     if not issubclass(distributed_fairseq_model.DistributedDataParallel, CPUAwareDistributedDataParallel):
         distributed_fairseq_model.DistributedDataParallel = CPUAwareDistributedDataParallel
