@@ -71,6 +71,12 @@ def dataset_keys(dataset, pad: int):
     return out
 
 
+def label_rows(offsets: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Row indices of the examples at positions ``where`` of the sorted keys, in batch order (each
+    example's labels in position order: the row-major order of a batch's mask)."""
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in where])
+
+
 def top_k_rows(logits: Tensor, k: int):
     """(ids [n, k] int64, log p [n, k], tail [n]) of teacher logits [n, V], in float32 (float64 for float64)."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -111,7 +117,7 @@ class CacheWriter:
         from .chunked_divergences import teacher_rows
 
         where = np.searchsorted(self.keys, np.asarray(batch_keys(src_tokens, mask, pad), dtype=np.uint64))
-        dest = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in where])
+        dest = label_rows(self.offsets, where)
         for a in range(0, len(dest), chunk_size):
             b = min(a + chunk_size, len(dest))
             ids, logp, tail = top_k_rows(teacher_rows(source, a, b), self.k)
@@ -156,8 +162,6 @@ class CachedLogits(NamedTuple):
 
 class CachedTeacher:
     """A teacher read from ``distill-cache-teacher``'s output; ``rows`` as ``Teacher.rows``."""
-
-    sharded = False
 
     def __init__(self, path: str, task):
         self.path = os.path.abspath(path)
@@ -216,7 +220,7 @@ class CachedTeacher:
     def cached_logits(self, net_input: dict, mask: Tensor) -> CachedLogits:
         keys = np.asarray(batch_keys(net_input["src_tokens"], mask, self.pad), dtype=np.uint64)
         where = self._find(keys, "this batch")
-        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in where])
+        rows = label_rows(self.offsets, where)
         device = mask.device
         ids = torch.from_numpy(self.ids[rows].astype(np.int64)).to(device)
         logp = torch.from_numpy(self.logp[rows].astype(np.float32)).to(device)

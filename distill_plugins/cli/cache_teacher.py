@@ -102,7 +102,8 @@ def main(argv=None):
         writer.finish({
             "teacher": teacher.record(), "teacher_dtype": args.teacher_dtype, "data": os.path.abspath(args.data),
             "splits": per_split, "dictionary": dictionary_fingerprint(task.dictionary),
-            "tokens_per_sample": args.tokens_per_sample, "build_seconds": round(seconds, 2), "teacher_pass_seconds": round(teacher_pass, 2),
+            "tokens_per_sample": args.tokens_per_sample, "build_seconds": round(seconds, 2),
+            "teacher_pass_seconds": round(teacher_pass, 2),
         })
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     print(f"| cached {n_rows:,} label tokens in {seconds:.1f}s (teacher pass {teacher_pass:.1f}s: "

@@ -262,7 +262,7 @@ class InstructionDistillationTask(FairseqTask):
         """Called on every worker right before rank 0 writes a checkpoint: rank 0 gets all workers'
         ``worker_state`` for its ``state_dict`` ("workers", indexed by rank)."""
         self._worker_states = None
-        rank, world = rank_and_world()
+        world = rank_and_world()[1]
         own = self.worker_state()
         if world <= 1 or own is None:
             return
