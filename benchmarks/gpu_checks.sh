@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, for a session that is lent one. On the CPU machine first:
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
-#   STAGES="kernels step loss terms generate" bash benchmarks/gpu_checks.sh (about 7 minutes)
+#   STAGES="kernels step loss terms generate" bash benchmarks/gpu_checks.sh (about 8 minutes)
 #   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
 # Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
 #
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
 #             fused Triton loss), ours from a top-64 teacher cache (--teacher-cache) and the plain HF
-#             reference in one run; then ours with --compile-teacher
+#             reference in one run; then ours beside its two parts timed alone (teacher forward, student
+#             step without KD) with a torch.profiler table of the ours step; then ours with --compile-teacher
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
@@ -54,6 +55,8 @@ fi
 stage kernels 150 python3 -m pytest -q tests/gpu
 stage step 280 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,cached,reference \
   --json "$R/step.json"
+stage step_parts 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,teacher,student \
+  --profile "$R/step_profile.txt" --json "$R/step_parts.json"
 stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
   --compile-teacher --json "$R/step_compile.json"
 for d in forward_kl reverse_kl skew_kl; do

@@ -13,6 +13,12 @@
     same teacher (``--teacher-cache``, top ``--teacher-cache-k`` log-probs per token; built first with
     ``teacher_cache.CacheWriter`` as ``distill-cache-teacher`` does, and timed apart); its MFU counts
     the FLOPs the step does (6 P_student).
+(a'') ``teacher`` and ``student`` (``--run ours,teacher,student,reference``): the parts of ``ours``, each
+    timed alone with the same models and batch: the teacher's forward to its last hidden states (no
+    grad, ``--teacher-dtype``; its output projection is done inside the fused loss and so counts in
+    neither part) and the student's fairseq Trainer step without a teacher (``--criterion
+    cross_entropy``: full logits). ``ours`` minus both is the KD loss with the teacher's projection
+    plus what the step adds around them; the script prints that split.
 (b) ``reference``: the step as the reference code writes it (DistiLLM/MiniLLM with HF models): the
     student and the fp32-weight teacher run under autocast(``--precision``), the teacher under
     ``torch.no_grad``; both [N, V] logits go through fp32 softmax / log_softmax, masked product and
@@ -23,6 +29,8 @@
 All tokens of the B x T batch are labels (N = B T). FLOPs per token: 6 P_student + 2 P_teacher
 (P = parameter count); MFU divides by ``--peak-flops`` (790e12 on CUDA: H100 bf16) or, on CPU, by a
 measured fp32 matmul rate per process CPU second (the step's rate is then per CPU second too).
+``--profile FILE`` writes torch.profiler's table of the ``ours`` step (2 steps; by device time on CUDA,
+by CPU time on CPU) after the timed steps.
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU the bytes of
 parameters, gradients and optimizer state before a step plus the torch profiler's peak of what
 the step allocates (``measure.py``).
@@ -55,6 +63,8 @@ PRESETS = {
     "cpu-tiny": ("tiny", "nano", 1024, 64, 4),
 }
 
+RUNS = ("ours", "cached", "teacher", "student", "reference")
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -79,8 +89,10 @@ def parse_args(argv=None):
                     help="run 'cached': top-K log-probs per token in the teacher cache (the vocabulary size: exact)")
     ap.add_argument("--reference-model", choices=["auto", "hf", "fairseq"], default="auto")
     ap.add_argument("--run", default="ours,reference",
-                    help="steps to measure, of ours,cached,reference (cached: ours trained from an offline teacher "
-                         "cache, --teacher-cache, built first from the same teacher and timed apart)")
+                    help="steps to measure, of " + ",".join(RUNS) + " (cached: ours trained from an offline teacher "
+                         "cache, --teacher-cache, built first from the same teacher and timed apart; teacher, "
+                         "student: the two parts of ours, each timed alone)")
+    ap.add_argument("--profile", metavar="FILE", help="write torch.profiler's table of 2 'ours' steps here")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 3 on cuda, 1 on cpu)")
     ap.add_argument("--steps", type=int, help="timed steps (default 10 on cuda, 2 on cpu)")
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -98,8 +110,10 @@ def parse_args(argv=None):
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     args.steps = (10 if cuda else 2) if args.steps is None else args.steps
     args.run = [x.strip() for x in args.run.split(",") if x.strip()]
-    if not args.run or any(x not in ("ours", "cached", "reference") for x in args.run):
-        ap.error("--run takes a comma-separated list of ours, cached, reference")
+    if not args.run or any(x not in RUNS for x in args.run):
+        ap.error("--run takes a comma-separated list of " + ", ".join(RUNS))
+    if args.profile and "ours" not in args.run:
+        ap.error("--profile profiles the 'ours' step: add ours to --run")
     if not 1 <= args.teacher_cache_k <= args.vocab:
         ap.error(f"--teacher-cache-k must be in [1, --vocab {args.vocab}]")
     if args.vocab < 8 or args.seq_len < 2 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
@@ -192,11 +206,29 @@ def build_cached(args, device, data_dir):
     return build_ours(args, device, data_dir, cached=True)
 
 
+def make_sample(args, device):
+    src, tgt = make_batch(args, device)
+    return {
+        "id": torch.arange(args.batch, device=device), "nsentences": args.batch, "ntokens": src.numel(),
+        "net_input": {"src_tokens": src, "src_lengths": torch.full((args.batch,), args.seq_len, device=device)},
+        "target": tgt,
+    }
+
+
+def make_teacher(args, task, data_dir, device):
+    from distill_plugins.teacher import Teacher
+
+    teacher_cfg = parse_fairseq(fairseq_args(args, data_dir, args.teacher, device))
+    teacher = Teacher(task.build_model(teacher_cfg.model), path="(random init)", sha256="-",
+                      dtype=args.teacher_dtype, device=str(device))
+    if args.compile_teacher:
+        teacher.compile()  # what --teacher-compile does in the task
+    return teacher
+
+
 def build_ours(args, device, data_dir, cached=False):
     from fairseq import tasks
     from fairseq.trainer import Trainer
-
-    from distill_plugins.teacher import Teacher
 
     extra = ["--criterion", args.criterion, "--kd-ratio", str(args.kd_ratio)]
     if args.kd_impl:
@@ -207,23 +239,13 @@ def build_ours(args, device, data_dir, cached=False):
         extra += ["--kd-compile"]
     cfg = parse_fairseq(fairseq_args(args, data_dir, args.student, device, extra))
     task = tasks.setup_task(cfg.task)
-    teacher_cfg = parse_fairseq(fairseq_args(args, data_dir, args.teacher, device))
-    teacher_model = task.build_model(teacher_cfg.model)
-    teacher = Teacher(teacher_model, path="(random init)", sha256="-", dtype=args.teacher_dtype, device=str(device))
-    if args.compile_teacher:
-        teacher.compile()  # what --teacher-compile does in the task
-    src, tgt = make_batch(args, device)
-    n = src.numel()
-    sample = {
-        "id": torch.arange(args.batch, device=device), "nsentences": args.batch, "ntokens": n,
-        "net_input": {"src_tokens": src, "src_lengths": torch.full((args.batch,), args.seq_len, device=device)},
-        "target": tgt,
-    }
+    teacher = make_teacher(args, task, data_dir, device)
+    sample = make_sample(args, device)
     cache_info = {}
+    p_teacher = count_params(teacher.model)
     if cached:  # what distill-cache-teacher does, on the benchmark's batch
         cache_info = build_teacher_cache(args, task, teacher, sample, os.path.join(data_dir, "teacher-cache"), device)
-        p_teacher = count_params(teacher.model)
-        del teacher, teacher_model
+        del teacher
         from distill_plugins.teacher_cache import CachedTeacher
 
         teacher = CachedTeacher(os.path.join(data_dir, "teacher-cache"), task)
@@ -244,7 +266,53 @@ def build_ours(args, device, data_dir, cached=False):
             "criterion": args.criterion, "teacher_dtype": args.teacher_dtype,
             "compile_teacher": args.compile_teacher, "kd_compile": args.kd_compile, "precision": args.precision,
             "teacher_in_step": not cached, **cache_info}
-    return step, state_bytes, count_params(model), p_teacher if cached else count_params(teacher.model), info
+    return step, state_bytes, count_params(model), p_teacher, info
+
+
+def build_teacher_part(args, device, data_dir):
+    """The teacher's part of ``ours`` alone: its forward to the hidden states at the label positions
+    (``Teacher.rows`` with the fused projection, as the criterion calls it), under no grad."""
+    from fairseq import tasks
+
+    task = tasks.setup_task(parse_fairseq(fairseq_args(args, data_dir, args.student, device)).task)
+    teacher = make_teacher(args, task, data_dir, device)
+    sample = make_sample(args, device)
+    mask = sample["target"].ne(task.dictionary.pad())
+
+    def step():
+        with torch.no_grad():
+            rows = teacher.rows(sample["net_input"], mask, True)
+        return rows
+
+    p_teacher = count_params(teacher.model)
+    embeddings = sum(p.numel() for n, p in teacher.model.named_parameters()
+                     if "embed_tokens" in n or "embed_positions" in n)
+    info = {"teacher_dtype": args.teacher_dtype, "compile_teacher": args.compile_teacher,
+            "flops_per_token": 2 * (p_teacher - embeddings)}  # the output projection runs in the loss
+    return step, lambda: tensor_bytes(teacher.model), 0, p_teacher, info
+
+
+def build_student_part(args, device, data_dir):
+    """The student's part of ``ours`` alone: the same fairseq Trainer step with no teacher
+    (``--criterion cross_entropy``, fairseq's own: full [N, V] logits)."""
+    from fairseq import tasks
+    from fairseq.trainer import Trainer
+
+    cfg = parse_fairseq(fairseq_args(args, data_dir, args.student, device, ["--criterion", "cross_entropy"]))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    sample = make_sample(args, device)
+
+    def step():
+        trainer.train_step([sample])
+
+    def state_bytes():
+        opt = trainer.optimizer
+        return tensor_bytes(model, opt.optimizer, getattr(opt, "fp32_params", None),
+                            getattr(getattr(opt, "fp32_optimizer", None), "optimizer", None))
+
+    return step, state_bytes, count_params(model), 0, {"criterion": "cross_entropy", "precision": args.precision}
 
 
 def build_teacher_cache(args, task, teacher, sample, out, device):
@@ -357,7 +425,11 @@ def measure_step(name, builder, args, device, data_dir, peak_flops):
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = state_bytes() + measure.peak_extra_bytes(step, device)
-    flops_per_token = 6 * p_student + (2 * p_teacher if info.get("teacher_in_step", True) else 0)
+    if name == "ours" and args.profile:
+        print(f"ours, torch.profiler (2 steps, written to {args.profile}):\n"
+              + measure.profile_table(step, device, 2, args.profile, rows=25), flush=True)
+    flops_per_token = info.pop("flops_per_token", None) or (
+        6 * p_student + (2 * p_teacher if info.get("teacher_in_step", True) else 0))
     seconds = wall if device.type == "cuda" else cpu
     result = {
         **info,
@@ -391,14 +463,15 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as data_dir:
         write_dictionary(data_dir, args.vocab)
-        builders = {"ours": build_ours, "cached": build_cached, "reference": build_reference}
+        builders = {"ours": build_ours, "cached": build_cached, "teacher": build_teacher_part,
+                    "student": build_student_part, "reference": build_reference}
         for name in args.run:
             results[name] = measure_step(name, builders[name], args, device, data_dir, peak_flops)
     ratios = {}
     if "reference" in results:
         r = results["reference"]
         for name, o in results.items():
-            if name != "reference":
+            if name in ("ours", "cached"):  # the parts (teacher, student) are not a KD step
                 ratios.update({f"tokens_per_s {name}/reference": o["tokens_per_s"] / r["tokens_per_s"],
                                f"step_s {name}/reference": o["step_s"] / r["step_s"],
                                f"cpu_s {name}/reference": o["cpu_s"] / r["cpu_s"],
@@ -435,11 +508,23 @@ def main(argv=None):
               f"({c['cache_build_tokens_per_s']:,.0f} tokens/s: teacher forward, top-{c['teacher_cache_k']}, write), "
               "once per example and not per epoch or run; the cached step does no teacher forward "
               "(its MFU counts the student's 6N only)")
+    if {"ours", "teacher", "student"} <= set(results):
+        o, t_, s_ = (results[k]["step_s"] for k in ("ours", "teacher", "student"))
+        rest = o - t_ - s_
+        out["split"] = {"teacher_forward_s": t_, "student_step_s": s_, "rest_s": rest}
+        print(f"\nsplit of ours' {o:.3f} s step: teacher forward {t_:.3f} s ({t_ / o:.0%}), student step with "
+              f"fairseq's cross_entropy {s_:.3f} s ({s_ / o:.0%}), the rest {rest:.3f} s ({rest / o:.0%}: the KD loss "
+              "with the teacher's output projection, less the student's CE, plus what the step adds around them)")
     measure.write_json(args.json, out)
     return out
 
 
 def describe(name, r):
+    if name == "teacher":
+        return (f"ours' teacher alone: forward to the hidden states, {r['teacher_dtype']}"
+                + (" compiled" if r.get("compile_teacher") else "") + ", no grad (projection in the loss)")
+    if name == "student":
+        return f"ours' student alone: fairseq Trainer, --criterion cross_entropy, {r['precision']}, no teacher"
     if name in ("ours", "cached"):
         return (f"fairseq Trainer, --criterion {r['criterion']} --kd-impl {r['kd_impl']}"
                 + (" --kd-compile" if r.get("kd_compile") else "") + f", teacher {r['teacher_dtype']}"

@@ -61,6 +61,25 @@ def peak_extra_bytes(fn, device) -> int:
     return _peak_of_allocations(_allocation_events(prof))
 
 
+def profile_table(fn, device, repeats: int, path: str, rows: int = 40) -> str:
+    """torch.profiler's operator table of ``repeats`` calls of ``fn()``, by self time on the device
+    (CUDA) or on the CPU, written to ``path`` and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{repeats} calls, sorted by {key}\n{table}\n")
+    return table
+
+
 def _allocation_events(prof):
     """(time ns, +-bytes) of every CPU allocation and free the profiler saw, in time order."""
     from torch._C._profiler import _EventType

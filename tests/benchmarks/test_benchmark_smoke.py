@@ -29,17 +29,29 @@ def test_kd_loss_benchmark_reports_every_implementation(tmp_path):
 
 
 def test_kd_step_benchmark_reports_ours_and_reference(tmp_path):
+    profile = tmp_path / "profile.txt"
     data, table = bench("kd_step", tmp_path, "--steps", "1", "--warmup", "0", "--kd-impl", "fused",
-                        "--run", "ours,cached,reference", "--teacher-cache-k", "16")
-    assert set(data["results"]) == {"ours", "cached", "reference"}
-    cached = data["results"]["cached"]
+                        "--run", "ours,cached,teacher,student,reference", "--teacher-cache-k", "16",
+                        "--profile", str(profile))
+    results = data["results"]
+    assert set(results) == {"ours", "cached", "teacher", "student", "reference"}
+    cached = results["cached"]
     assert cached["teacher_cache_k"] == 16 and not cached["teacher_in_step"] and positive(cached["cache_build_s"])
     assert positive(data["ratios"]["tokens_per_s cached/reference"])
-    assert data["results"]["ours"]["kd_impl"] == "fused"
-    for name, res in data["results"].items():
-        for key in ("tokens_per_s", "step_s", "cpu_s", "mfu", "peak_gib", "student_params", "teacher_params"):
+    assert results["ours"]["kd_impl"] == "fused"
+    for name, res in results.items():
+        for key in ("tokens_per_s", "step_s", "cpu_s", "mfu", "peak_gib"):
             assert positive(res[key]), (name, key, res)
-        assert res["teacher_params"] > res["student_params"]
+        if name not in ("teacher", "student"):
+            assert res["teacher_params"] > res["student_params"] > 0
+    # the parts: each model alone, and a split that adds up to ours' step
+    assert results["teacher"]["student_params"] == 0 and results["teacher"]["teacher_params"] == results["ours"]["teacher_params"]
+    assert results["student"]["teacher_params"] == 0 and results["student"]["student_params"] == results["ours"]["student_params"]
+    split = data["split"]
+    assert split["teacher_forward_s"] == results["teacher"]["step_s"] and split["student_step_s"] == results["student"]["step_s"]
+    assert abs(sum(split.values()) - results["ours"]["step_s"]) < 1e-9
+    assert not any(k.startswith(("tokens_per_s teacher", "tokens_per_s student")) for k in data["ratios"])
+    assert "aten::" in profile.read_text() and "split of ours'" in table
     for key in ("tokens_per_s ours/reference", "step_s ours/reference", "mfu ours/reference",
                 "peak_memory ours/reference"):
         assert positive(data["ratios"][key])
