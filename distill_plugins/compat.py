@@ -5,6 +5,7 @@
 - torch >= 2.6 loads checkpoints with ``weights_only=True``; legacy fairseq checkpoints pickle an
   ``argparse.Namespace``, which must be allow-listed.
 - multi-worker runs: ``pytorch_ddp`` on CPU and resuming with several workers (``distributed_compat.py``).
+- --bf16/--fp16 checkpoints lack the fp32 master weights, so a resume rounds them (``master_weights.py``).
 """
 import argparse
 import types
@@ -21,9 +22,10 @@ def apply():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
     _patch_bleu_empty_sequences()
-    from . import distributed_compat
+    from . import distributed_compat, master_weights
 
     distributed_compat.apply()
+    master_weights.apply()
 
 
 def _patch_bleu_empty_sequences():

@@ -66,7 +66,7 @@ def gather_worker_states_first(save_checkpoint):
             gather()
         return save_checkpoint(cfg, trainer, epoch_itr, val_loss)
 
-    save._distill_patched = True
+    save._distill_gathers_worker_states = True
     return save
 
 
@@ -75,7 +75,7 @@ def apply():
     from fairseq.models import distributed_fairseq_model
     from fairseq import checkpoint_utils
 
-    if not getattr(checkpoint_utils.save_checkpoint, "_distill_patched", False):
+    if not getattr(checkpoint_utils.save_checkpoint, "_distill_gathers_worker_states", False):
         checkpoint_utils.save_checkpoint = gather_worker_states_first(checkpoint_utils.save_checkpoint)
 
     if not issubclass(distributed_fairseq_model.DistributedDataParallel, CPUAwareDistributedDataParallel):
