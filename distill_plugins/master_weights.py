@@ -57,11 +57,15 @@ def masters_in_state_dict(trainer):
         state.setdefault("extra_state", {})[KEY] = [m.detach().to("cpu", copy=True) for m in masters]
         return state
 
+    own = "state_dict" in vars(trainer)  # an instance attribute already (not Trainer's method)
     trainer.state_dict = state_dict
     try:
         yield
     finally:
-        del trainer.state_dict  # the instance attribute: the class method shows through again
+        if own:
+            trainer.state_dict = original
+        else:
+            del trainer.state_dict  # Trainer's method shows through again
 
 
 def restore(trainer, extra_state) -> bool:
