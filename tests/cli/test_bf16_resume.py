@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_MODEL, TRAIN_COMMON, cli, run
 
-BF16_SFT = [*TRAIN_COMMON, *TINY_MODEL, "--criterion", "cross_entropy", "--bf16"]
+BF16_SFT = [*TRAIN_COMMON, *TINY_MODEL, "--criterion", "cross_entropy", "--bf16", "--save-interval-updates", "1"]
 
 
 def train_bf16(data, save_dir, max_update):
