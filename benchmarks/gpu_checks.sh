@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, for a session that is lent one. On the CPU machine first:
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
-#   STAGES="kernels step loss terms generate" bash benchmarks/gpu_checks.sh (about 8 minutes)
+#   STAGES="step kernels loss terms generate" bash benchmarks/gpu_checks.sh (about 8 minutes)
 #   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
-# Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (the JSON figures and logs).
+# Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks/ (each stage's JSON figures and log).
+# The stages run in the order below, the most wanted first (a device call cut short keeps the first).
 #
-#   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
 #             fused Triton loss), ours from a top-64 teacher cache (--teacher-cache) and the plain HF
 #             reference in one run; then ours beside its two parts timed alone (teacher forward, student
-#             step without KD) with a torch.profiler table of the ours step; then ours with --compile-teacher
+#             step without KD) with a torch.profiler table of the ours step; after the loss stage, ours
+#             with --compile-teacher (step_compile)
+#   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
@@ -23,7 +25,7 @@ OUT=${OUT:-results/gpu_checks}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
 STAGES=${STAGES:-kernels step loss terms generate $([ "$SMALL" = 1 ] || echo minillm)}
-R=$(mktemp -d)/gpu_checks
+R=$OUT/gpu_checks  # each stage's JSON and log, written as it ends: a run cut short keeps what it finished
 mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_checks.log") 2>&1
@@ -52,20 +54,19 @@ else
   STEP=(--preset gpt2-xl-base --warmup 2 --steps 4 --precision bf16 --teacher-dtype bf16)
   LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
 fi
-stage kernels 150 python3 -m pytest -q tests/gpu
 stage step 280 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,cached,reference \
   --json "$R/step.json"
 stage step_parts 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,teacher,student \
   --profile "$R/step_profile.txt" --json "$R/step_parts.json"
-stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
-  --compile-teacher --json "$R/step_compile.json"
+stage kernels 150 python3 -m pytest -q tests/gpu
 for d in forward_kl reverse_kl skew_kl; do
   stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
 done
+stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
+  --compile-teacher --json "$R/step_compile.json"
 stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \
   --json "$R/minillm_terms.json"
 stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
 stage minillm 540 env OUT="$R/minillm" SIZE="${MINILLM_SIZE:-gpt2}" UPDATES="${MINILLM_UPDATES:-32}" \
   bash examples/minillm/gpu_smoke.sh
-tar -czf "$OUT/gpu_checks.tar.gz" -C "$(dirname "$R")" gpu_checks
-echo "== done: $OUT/gpu_checks.log, $OUT/gpu_checks.tar.gz"
+echo "== done: $OUT/gpu_checks.log and $R"
