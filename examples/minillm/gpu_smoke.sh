@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MiniLLM on one GPU, small and quick (a few minutes): the bundled Dolly subset, a kd_gpt2_mini teacher
 # and a kd_gpt2_tiny student fine-tuned first, then MiniLLM with the spec's coefficients in fp16, and
-# the reverse KL on the test prompts before and after. Writes $OUT (default results/minillm_gpu).
+# the reverse KL and Rouge-L (distill-evaluate) on the test prompts before and after. Writes $OUT
+# (default results/minillm_gpu).
 # SIZE=gpt2 takes the spec's shapes instead: a kd_gpt2_xl (1.5B) teacher and a kd_gpt2_base (124M)
 # student, both fine-tuned from random init in fp16 first (no GPT-2 weights can be fetched here, so
 # only the shapes, memory and speed are realistic), 8k SentencePiece vocabulary, lr 5e-6 as MiniLLM.
@@ -45,3 +46,7 @@ for m in student_sft/checkpoint_best.pt student_minillm/checkpoint_last.pt; do
   $PY -m distill_plugins.evaluation.reverse_kl "$W/data" --split test --student "$W/$m" \
     --teacher "$W/teacher/checkpoint_best.pt" --seeds 10,20 --json "$OUT/$(dirname $m)_reverse_kl.json" 2>&1 | grep "^|"
 done
+# Rouge-L on the test prompts, the MiniLLM/DistiLLM protocol on the GPU (distill-evaluate's CUDA path), 2 seeds
+$PY -m distill_plugins.cli.evaluate "$W/teacher/checkpoint_best.pt" "$W/student_sft/checkpoint_best.pt" \
+  "$W/student_minillm/checkpoint_last.pt" --data "$W/data" --seeds 10 20 --dtype ${EVAL_DTYPE:-fp16} --no-progress \
+  --json "$OUT/rouge_l.json" 2>&1 | grep -E "^\||rror" || true
