@@ -3,7 +3,8 @@
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
 #   STAGES="step kernels loss terms generate" bash benchmarks/gpu_checks.sh (about 8 minutes)
 #   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
-# Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks/ (each stage's JSON figures and log).
+# Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (each stage's JSON figures and log,
+# packed again after every stage).
 # The stages run in the order below, the most wanted first (a device call cut short keeps the first).
 #
 #   step      benchmarks/kd_step.py, GPT-2 XL -> base, 32 x 512 tokens: ours (bf16 student, bf16 teacher,
@@ -25,7 +26,7 @@ OUT=${OUT:-results/gpu_checks}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
 STAGES=${STAGES:-kernels step loss terms generate $([ "$SMALL" = 1 ] || echo minillm)}
-R=$OUT/gpu_checks  # each stage's JSON and log, written as it ends: a run cut short keeps what it finished
+R=$(mktemp -d)/gpu_checks  # packed into $OUT/gpu_checks.tar.gz after every stage (the device returns 8 files at most)
 mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_checks.log") 2>&1
@@ -46,6 +47,7 @@ stage() {  # name, time limit (s), command...
   local t0=$SECONDS
   timeout "$limit" "$@" > >(tee "$R/$name.log") 2>&1
   echo "== $name: exit $? in $((SECONDS - t0))s"
+  tar -czf "$OUT/gpu_checks.tar.gz" -C "$(dirname "$R")" gpu_checks  # what is finished, if the call is cut short
 }
 if [ "$SMALL" = 1 ]; then
   STEP=(--preset cpu-tiny --warmup 1 --steps 1); LOSS=(--preset cpu-tiny); GEN=(--preset cpu-tiny)
@@ -69,4 +71,4 @@ stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "
 stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
 stage minillm 540 env OUT="$R/minillm" SIZE="${MINILLM_SIZE:-gpt2}" UPDATES="${MINILLM_UPDATES:-32}" \
   bash examples/minillm/gpu_smoke.sh
-echo "== done: $OUT/gpu_checks.log and $R"
+echo "== done: $OUT/gpu_checks.log, $OUT/gpu_checks.tar.gz"
