@@ -215,7 +215,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
             kd, extra = self.kd_term(student, sample, mask)
             ce = F.cross_entropy(student.float(), labels, reduction="sum")
             loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
-        ntokens = int(mask.sum())
+        ntokens = labels.numel()  # known since target[mask]; int(mask.sum()) would wait for the GPU here
         lm = sample.get("lm")
         if lm is not None:
             lm_sum, lm_tokens = self.lm_term(model, lm)
@@ -241,11 +241,11 @@ class TokenLevelKDCriterion(FairseqCriterion):
         labels = target[mask]
         if self.cfg.kd_impl == "plain":
             logits = model(**lm["net_input"])[0][mask]
-            return F.cross_entropy(logits.float(), labels, reduction="sum"), int(mask.sum())
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
         out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
         ce = student_side_loss(model, lm["net_input"], mask, labels, out, None, divergence=None, kd_ratio=0.0,
                                chunk_size=self.cfg.kd_chunk_size, loss_and_grad=cross_entropy_loss_and_grad)
-        return ce.loss, int(mask.sum())
+        return ce.loss, labels.numel()
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
