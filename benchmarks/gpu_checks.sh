@@ -11,7 +11,7 @@
 #             fused Triton loss), ours from a top-64 teacher cache (--teacher-cache) and the plain HF
 #             reference in one run; then ours beside its two parts timed alone (teacher forward, student
 #             step without KD) with a torch.profiler table of the ours step; after the loss stage, ours
-#             with --compile-teacher (step_compile)
+#             and the teacher alone with --compile-teacher (step_compile)
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
@@ -64,7 +64,7 @@ stage kernels 150 python3 -m pytest -q tests/gpu
 for d in forward_kl reverse_kl skew_kl; do
   stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
 done
-stage step_compile 200 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours \
+stage step_compile 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,teacher \
   --compile-teacher --json "$R/step_compile.json"
 stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \
   --json "$R/minillm_terms.json"
