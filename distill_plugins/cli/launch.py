@@ -10,10 +10,11 @@ with it fairseq divides by the GPU count (0 on CPU). Each worker started here pa
 rank, world size and device itself (``env://`` rendezvous, no spawning; see
 ``distributed_worker.py``). The process-group backend is nccl on GPUs and gloo on CPU
 (``--cpu`` or no CUDA). ``--ddp-backend`` is left to the user (fairseq's default ``pytorch_ddp``
-also works on CPU with this package); ``fully_sharded`` needs CUDA and fairscale.
+also works on CPU with this package); ``fully_sharded`` needs CUDA and fairscale. torchrun runs in
+this process; when workers fail, the launch ends with one line that says how many and which rank
+first, below the workers' own messages, and exit code 1 (not torchrun's traceback).
 """
 import argparse
-import os
 import shlex
 import sys
 
@@ -124,8 +125,23 @@ def main(argv=None):
     if opts.dry_run:
         print(shlex.join(cmd))
         return 0
+    return run_torchrun(cmd[3:], opts.nnodes * opts.nproc_per_node)
+
+
+def run_torchrun(torchrun_args, world: int) -> int:
+    """torchrun in this process (what ``python -m torch.distributed.run`` does), with a failed worker
+    reported in one line after the workers' own messages instead of torchrun's traceback."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)
+    try:
+        torchrun.run(torchrun.parse_args(torchrun_args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise DistillError(f"{len(e.failures)} of {world} workers failed (first: rank {rank}, exit code "
+                           f"{failure.exitcode}); the workers' own messages are above") from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,3 +56,19 @@ def test_bad_input_is_one_line_error(args, message):
     with pytest.raises(DistillError) as e:
         main(args)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_failed_workers_end_with_one_line_error(data_bin, tmp_path):
+    """Through the real CLI: a bad fairseq-train argument stops both workers; each prints its own
+    one-line error, and the launch ends with one more (no torchrun traceback) and a non-zero exit."""
+    from conftest import TINY_MODEL, TRAIN_COMMON, cli, run
+    from dist_helpers import free_port
+
+    proc = run([cli("distill-launch"), "--nproc-per-node", "2", "--master-port", free_port(), "--",
+                data_bin, *TRAIN_COMMON, *TINY_MODEL, "--criterion", "kd", "--save-dir", tmp_path / "save",
+                "--max-update", "2"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("fairseq-distill: error: 2 of 2 workers failed (first: rank"), lines[-3:]
+    assert sum("needs a teacher: pass --teacher-path" in line for line in lines) == 2
+    assert not (tmp_path / "save").exists() or not list((tmp_path / "save").iterdir())
