@@ -11,6 +11,9 @@ Implementations (same inputs, ``--kd-ratio`` r, loss = (1 - r) CE + r D summed o
 * ``chunked``: ``--kd-impl chunked`` on the same logits.
 * ``fused``: ``--kd-impl fused``: hidden [N, d] and output weight [V, d] in, logits made per chunk;
   it also does the output projection's 3 matmuls (6 N V d FLOPs) that the others leave out.
+* ``triton`` (CUDA): the Triton kernel (``triton_kd``) that --kd-impl chunked/fused run per chunk on
+  a GPU, here on the whole [N, V] at once; ``triton_tile``: the same with ``tile_max`` (one running
+  maximum per row in pass 1; benchmarks/triton_sass.py counts its instructions).
 
 Reported: median time, extra peak memory (see ``measure.py``), the bytes floor (student logits read +
 their gradient written + teacher logits read, in their dtype; for ``fused`` hidden, weight and their
@@ -42,7 +45,9 @@ PRESETS = {
     "gpt2-16k": (16384, 50257, 768, "bf16"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("reference", "plain", "chunked", "fused")
+IMPLS = ("reference", "plain", "chunked", "fused", "triton", "triton_tile")
+GPU_IMPLS = ("triton", "triton_tile")
+COEF = {"skew_kl": 0.1, "skew_reverse_kl": 0.1, "js": 0.5}  # the kernel's coefficient: divergences.py's defaults
 
 
 def reference_loss(student, teacher, labels, kd_ratio):
@@ -71,7 +76,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-analytic", action="store_true",
                     help="forward and reverse KL by autograd per chunk too (as the other divergences)")
     ap.add_argument("--compile", action="store_true", help="chunked/fused: the torch.compile'd forward-KL kernel")
-    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--impls", help="comma-separated subset of " + ",".join(IMPLS) + " (default: all; "
+                                    + ", ".join(GPU_IMPLS) + " only on cuda)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peak-flops", type=float, help="FLOP/s for the fused matmul floor (default: 790e12 "
@@ -82,10 +88,21 @@ def parse_args(argv=None):
     n, v, d, dt = PRESETS[args.preset]
     args.tokens, args.vocab, args.hidden = args.tokens or n, args.vocab or v, args.hidden or d
     args.dtype = args.dtype or dt
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    from distill_plugins import triton_kd
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel on CPU tensors (tests; not a timing)
+    kernel = ((args.device == "cuda" or interpreted) and triton_kd.triton is not None
+              and args.divergence in triton_kd.DIVERGENCE_IDS)
+    if args.impls is None:
+        impls = [s for s in IMPLS if (kernel and args.device == "cuda") or s not in GPU_IMPLS]
+    else:
+        impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     bad = [s for s in impls if s not in IMPLS]
     if bad:
         ap.error(f"--impls: unknown {', '.join(bad)}; choose from {', '.join(IMPLS)}")
+    if not kernel and any(s in GPU_IMPLS for s in impls):
+        ap.error(f"--impls {', '.join(GPU_IMPLS)} need --device cuda (or TRITON_INTERPRET=1), triton and a divergence of "
+                 f"{', '.join(triton_kd.DIVERGENCE_IDS)}")
     args.impls = impls
     if args.chunk_size < 1 or args.tokens < 1 or args.vocab < 2 or args.hidden < 1:
         ap.error("--chunk-size, --tokens, --hidden must be >= 1 and --vocab >= 2")
@@ -121,11 +138,20 @@ def main(argv=None):
             student.grad = None
             if impl == "reference":
                 loss = reference_loss(student, teacher, labels, r)
+            elif impl in GPU_IMPLS:
+                from distill_plugins import triton_kd
+
+                kd, ce, grad = triton_kd.kd_rows_and_grad(student.detach(), teacher, labels, args.divergence, r,
+                                                          coef=COEF.get(args.divergence, 0.0),
+                                                          tile_max=impl == "triton_tile")
+                student.grad = grad  # what TritonKDLoss's backward hands on (times an incoming 1)
+                return (1.0 - r) * ce.sum() + r * kd.sum()
             elif impl == "plain":
                 loss = plain_kd_loss(student, labels, teacher, div, r).loss
             else:
                 loss = chunked_kd_loss(student, labels, teacher, div, r, chunk, vg).loss
         loss.backward()
+        return loss.detach()
 
     b = torch.finfo(dtype).bits // 8
     bandwidth = measure.copy_bandwidth(device, 1 << (31 if device.type == "cuda" else 28))
@@ -142,6 +168,7 @@ def main(argv=None):
         if impl == "fused":
             floor_s = max(floor_s, fused_flops / peak_flops)
         results[impl] = {
+            "loss": float(run(impl)),  # the same computation: the same value in every impl (up to rounding)
             "time_ms": seconds * 1e3,
             "cpu_ms": cpu_seconds * 1e3,
             "peak_extra_mib": peak / measure.MiB,
@@ -151,6 +178,10 @@ def main(argv=None):
             "effective_gb_s": floor_bytes / seconds / 1e9,
         }
     ratios = {}
+    base = results.get("plain")  # not the reference: its -sum p log q leaves out the teacher's entropy
+    if base is not None:
+        ratios["max loss relative difference to plain"] = max(abs(res["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-30)
+                                                     for k, res in results.items() if k != "reference")
     if "reference" in results:
         for impl in results:
             if impl != "reference":

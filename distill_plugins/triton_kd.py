@@ -11,6 +11,9 @@ divergence and H = sum_v h_v, pass 3 writes the gradient w.r.t. the student logi
 
 Forward and reverse KL need no pass 2: their divergence and H follow from sums accumulated online in
 pass 1 beside the normalizer of p (forward) or q (reverse), rescaled with it (``_online_weighted``).
+Pass 1 keeps a running maximum per lane (``_online_update``, the default: timed on an H100) or, with
+``tile_max``, one per row, the block's maximum taken first (``_tile_update``: one exponential per
+entry instead of two; benchmarks/triton_sass.py counts 67 instead of 144 in the forward-KL kernel).
 So the logits are read two or three times in their own dtype and the gradient written once; every
 intermediate stays in registers in float32 (no [N, V] float32 tensor exists). The gradient is
 produced in the forward pass and scaled by the incoming gradient in backward (Liger-Kernel's
@@ -60,6 +63,36 @@ if triton is not None:
         return m_new, l_vec, u_vec, a_vec
 
     @triton.jit
+    def _tile_update(m, l_vec, x):
+        """``_online_update`` with one running maximum per row (a scalar, the tile's max taken first):
+        one exponential per entry instead of two, and no per-lane maxima held in registers."""
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        live = m_new != float("-inf")
+        l_vec = tl.where(live, l_vec * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
+        return m_new, l_vec
+
+    @triton.jit
+    def _tile_weighted(m, l_vec, u_vec, a_vec, x, y, masked):
+        """``_online_weighted`` with one running maximum per row, as ``_tile_update``."""
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        live = m_new != float("-inf")
+        scale = tl.where(live, tl.exp(m - m_new), 0.0)
+        w = tl.where(live, tl.exp(x - m_new), 0.0)
+        l_vec = l_vec * scale + w
+        w = tl.where(masked, 0.0, w)
+        u_vec = u_vec * scale + w
+        a_vec = a_vec * scale + w * tl.where(masked, 0.0, x - y)
+        return m_new, l_vec, u_vec, a_vec
+
+    @triton.jit
+    def _normalizer(m, l_vec, TILE: tl.constexpr):
+        """log sum_v e^(x_v) from the running maxima (per lane, or one per row with TILE) and sums."""
+        if TILE:
+            return m + tl.log(tl.sum(l_vec, axis=0))
+        else:
+            return _finish(m, l_vec)
+
+    @triton.jit
     def _finish(m_vec, l_vec):
         m = tl.max(m_vec, axis=0)
         total = tl.sum(tl.where(m_vec != float("-inf"), l_vec * tl.exp(m_vec - m), 0.0), axis=0)
@@ -98,15 +131,20 @@ if triton is not None:
 
     @triton.jit
     def _kd_kernel(S, T, Y, G, KD, CE, stride_s, stride_t, stride_g, V, inv_temp, kd_ratio, coef,
-                   DIV: tl.constexpr, SAME_T: tl.constexpr, BLOCK: tl.constexpr):
+                   DIV: tl.constexpr, SAME_T: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row, g_row = S + row * stride_s, T + row * stride_t, G + row * stride_g
         ninf = float("-inf")
-        ms = tl.full([BLOCK], ninf, tl.float32)
+        if TILE:  # one running maximum per row (_tile_update); else one per lane (_online_update)
+            ms = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
+            mt = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
+            mr = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
+        else:
+            ms = tl.full([BLOCK], ninf, tl.float32)
+            mt = tl.full([BLOCK], ninf, tl.float32)
+            mr = tl.full([BLOCK], ninf, tl.float32)
         ls = tl.zeros([BLOCK], tl.float32)
-        mt = tl.full([BLOCK], ninf, tl.float32)
         lt = tl.zeros([BLOCK], tl.float32)
-        mr = tl.full([BLOCK], ninf, tl.float32)
         lr = tl.zeros([BLOCK], tl.float32)
         # forward KL: U, A of the teacher's softmax (p); reverse KL: of the student's (q); see _online_weighted
         ua = tl.zeros([BLOCK], tl.float32)
@@ -121,23 +159,36 @@ if triton is not None:
             t = tl.where(t == float("inf"), ninf, t)
             sk = s * inv_temp
             tk = t * inv_temp
-            if DIV == 0:
-                ms, ls = _online_update(ms, ls, sk)
-                mt, lt, ua, aa = _online_weighted(mt, lt, ua, aa, tk, sk, masked)
-            elif DIV == 1:
-                ms, ls, ua, aa = _online_weighted(ms, ls, ua, aa, sk, tk, masked)
-                mt, lt = _online_update(mt, lt, tk)
+            if TILE:
+                if DIV == 0:
+                    ms, ls = _tile_update(ms, ls, sk)
+                    mt, lt, ua, aa = _tile_weighted(mt, lt, ua, aa, tk, sk, masked)
+                elif DIV == 1:
+                    ms, ls, ua, aa = _tile_weighted(ms, ls, ua, aa, sk, tk, masked)
+                    mt, lt = _tile_update(mt, lt, tk)
+                else:
+                    ms, ls = _tile_update(ms, ls, sk)
+                    mt, lt = _tile_update(mt, lt, tk)
+                if not SAME_T:
+                    mr, lr = _tile_update(mr, lr, s)
             else:
-                ms, ls = _online_update(ms, ls, sk)
-                mt, lt = _online_update(mt, lt, tk)
-            if not SAME_T:
-                mr, lr = _online_update(mr, lr, s)
-        lse_s = _finish(ms, ls)
-        lse_t = _finish(mt, lt)
+                if DIV == 0:
+                    ms, ls = _online_update(ms, ls, sk)
+                    mt, lt, ua, aa = _online_weighted(mt, lt, ua, aa, tk, sk, masked)
+                elif DIV == 1:
+                    ms, ls, ua, aa = _online_weighted(ms, ls, ua, aa, sk, tk, masked)
+                    mt, lt = _online_update(mt, lt, tk)
+                else:
+                    ms, ls = _online_update(ms, ls, sk)
+                    mt, lt = _online_update(mt, lt, tk)
+                if not SAME_T:
+                    mr, lr = _online_update(mr, lr, s)
+        lse_s = _normalizer(ms, ls, TILE)
+        lse_t = _normalizer(mt, lt, TILE)
         if SAME_T:
             lse_r = lse_s
         else:
-            lse_r = _finish(mr, lr)
+            lse_r = _normalizer(mr, lr, TILE)
 
         if DIV == 0:  # sum_kept p = U, KL(p || q) = A - U (lse_t - lse_s); h = -p, so H = -U
             lane = tl.where(mt != ninf, tl.exp(mt - lse_t), 0.0)
@@ -197,9 +248,13 @@ if triton is not None:
 
 def kd_rows_and_grad(student: Tensor, teacher: Tensor, labels: Tensor, divergence: str, kd_ratio: float,
                      temperature: float = 1.0, coef: float = 0.0, grad_dtype=None, block: int = None,
-                     num_warps: int = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     num_warps: int = None, tile_max: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row KD and CE values [N] (float32) and the gradient of
-    (1 - r) sum CE + r sum D w.r.t. ``student`` [N, V] (in ``grad_dtype``, default the logits')."""
+    (1 - r) sum CE + r sum D w.r.t. ``student`` [N, V] (in ``grad_dtype``, default the logits').
+
+    ``tile_max``: pass 1 keeps one running maximum per row instead of one per lane (half the
+    exponentials there, fewer registers); not the default until it is timed on a GPU
+    (benchmarks/kd_loss.py, impl ``triton_tile``)."""
     assert triton is not None, "triton is not installed"
     if block is None:  # tuned on an H100 at 16384 x 50257 bf16 (benchmarks/kd_loss.py) for forward KL and
         # the 3-pass divergences; reverse KL (2 passes since session 4) takes forward KL's, not yet timed
@@ -216,7 +271,8 @@ def kd_rows_and_grad(student: Tensor, teacher: Tensor, labels: Tensor, divergenc
     _kd_kernel[(n,)](
         student, teacher, labels.contiguous(), grad, kd, ce, student.stride(0), teacher.stride(0), grad.stride(0),
         v, 1.0 / temperature, kd_ratio, coef,
-        DIV=DIVERGENCE_IDS[divergence], SAME_T=(temperature == 1.0), BLOCK=block, num_warps=num_warps,
+        DIV=DIVERGENCE_IDS[divergence], SAME_T=(temperature == 1.0), BLOCK=block, TILE=tile_max,
+        num_warps=num_warps,
     )
     return kd, ce, grad
 

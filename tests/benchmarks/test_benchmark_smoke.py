@@ -25,7 +25,33 @@ def test_kd_loss_benchmark_reports_every_implementation(tmp_path):
             assert positive(res[key]), (impl, key, res)
     assert data["results"]["plain"]["floor_bytes"] == 256 * 1024 * 4 * 3  # N V (read + grad + teacher) fp32
     assert positive(data["ratios"]["fused/reference memory"])
+    assert data["ratios"]["max loss relative difference to plain"] < 1e-5  # chunked and fused: the same loss
     assert "| fused |" in table and "x floor" in table
+
+
+def test_kd_loss_benchmark_runs_the_triton_kernel_rows(tmp_path):
+    """The GPU rows (the Triton kernel, both pass-1 variants) in Triton's interpreter (set by conftest),
+    tiny: the code path the GPU run times, and the same loss as plain for a 3-pass divergence."""
+    data, _ = bench("kd_loss", tmp_path, "--repeats", "1", "--warmup", "0", "--tokens", "12", "--vocab", "300",
+                    "--hidden", "16", "--divergence", "skew_kl", "--impls", "plain,triton,triton_tile")
+    assert set(data["results"]) == {"plain", "triton", "triton_tile"}
+    assert all(positive(res["time_ms"]) for res in data["results"].values())
+    assert data["ratios"]["max loss relative difference to plain"] < 1e-5
+
+
+def test_triton_kernel_compiles_for_hopper_without_spills(tmp_path):
+    """benchmarks/triton_sass.py: every divergence's kernel, both pass-1 variants, compiled for sm_90
+    (the GPU compiler, not the interpreter the kernel tests use); no local memory; one running
+    maximum per row does fewer exponentials than one per lane."""
+    out = tmp_path / "sass.json"
+    proc = run([sys.executable, os.path.join(REPO, "benchmarks", "triton_sass.py"), "--json", out])
+    rows = json.load(open(out))["results"]
+    assert len(rows) == 12 and "| forward_kl | per lane |" in proc.stdout
+    for row in rows:
+        assert row["local_bytes"] == 0 and 0 < row["registers"] <= 255 and row["ex2"] > 0, row
+    by = {(r["divergence"], r["pass1_max"]): r for r in rows}
+    for name in {r["divergence"] for r in rows}:
+        assert by[(name, "per row")]["ex2"] < by[(name, "per lane")]["ex2"], name
 
 
 def test_kd_step_benchmark_reports_ours_and_reference(tmp_path):
