@@ -13,7 +13,8 @@
 #             step without KD) with a torch.profiler table of the ours step; after the loss stage, ours
 #             and the teacher alone with --compile-teacher (step_compile)
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
-#   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL
+#   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL; every impl,
+#             the Triton kernel with both pass-1 variants (triton: per-lane maxima, the default; triton_tile)
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
 #   minillm   examples/minillm/gpu_smoke.sh at GPT-2 XL -> base shapes (MINILLM_SIZE=gpt2, the default;
