@@ -14,7 +14,8 @@
 #             and the teacher alone with --compile-teacher (step_compile)
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL; every impl,
-#             the Triton kernel with both pass-1 variants (triton: per-lane maxima, the default; triton_tile)
+#             the Triton kernel with both pass-1 variants (triton: per-lane maxima, the default; triton_tile);
+#             benchmarks/activation.py: GPT-2's GELU per step, fairseq's 8-op form against the fused op
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
 #   minillm   examples/minillm/gpu_smoke.sh at GPT-2 XL -> base shapes (MINILLM_SIZE=gpt2, the default;
@@ -52,7 +53,7 @@ stage() {  # name, time limit (s), command...
 }
 if [ "$SMALL" = 1 ]; then
   STEP=(--preset cpu-tiny --warmup 1 --steps 1); LOSS=(--preset cpu-tiny); GEN=(--preset cpu-tiny)
-  TERMS_PRESET=cpu-tiny
+  TERMS_PRESET=cpu-tiny ACT_PRESET=cpu-tiny
 else
   STEP=(--preset gpt2-xl-base --warmup 2 --steps 4 --precision bf16 --teacher-dtype bf16)
   LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
@@ -65,6 +66,8 @@ stage kernels 150 python3 -m pytest -q tests/gpu
 for d in forward_kl reverse_kl skew_kl; do
   stage loss_$d 90 python3 benchmarks/kd_loss.py --device "$DEVICE" "${LOSS[@]}" --divergence $d --json "$R/loss_$d.json"
 done
+stage loss_activation 60 python3 benchmarks/activation.py --device "$DEVICE" --preset "${ACT_PRESET:-gpt2-xl-base}" \
+  --json "$R/activation.json"
 stage step_compile 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,teacher \
   --compile-teacher --json "$R/step_compile.json"
 stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \

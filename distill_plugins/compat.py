@@ -6,6 +6,9 @@
   ``argparse.Namespace``, which must be allow-listed.
 - multi-worker runs: ``pytorch_ddp`` on CPU and resuming with several workers (``distributed_compat.py``).
 - --bf16/--fp16 checkpoints lack the fp32 master weights, so a resume rounds them (``master_weights.py``).
+- fairseq's ``gelu_accurate`` (GPT-2's tanh GELU, every ``kd_gpt2_*`` model and converted GPT-2)
+  is eight elementwise kernels, and a graph break under ``torch.compile``; it becomes torch's one
+  fused op (``_fuse_gelu_accurate``).
 """
 import argparse
 import types
@@ -22,10 +25,31 @@ def apply():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
     _patch_bleu_empty_sequences()
+    _fuse_gelu_accurate()
     from . import distributed_compat, master_weights
 
     distributed_compat.apply()
     master_weights.apply()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's GELU (Hendrycks and Gimpel 2016), in
+    one kernel (fp32 inside for half-precision inputs)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _fuse_gelu_accurate():
+    """fairseq's ``gelu_accurate`` computes the same function as 8 separate elementwise ops (each
+    reading and writing a [tokens, 4 d] tensor, and saving them for backward), and its
+    ``setattr`` on first call breaks ``torch.compile``'s graph in every layer. Models take the
+    function from ``fairseq.modules`` when they are built (``utils.get_activation_fn``), which
+    happens after this runs. Same values to fp32 rounding (tests/test_compat.py)."""
+    from fairseq import modules
+    from fairseq.modules import gelu as gelu_module
+
+    if modules.gelu_accurate is gelu_tanh:
+        return
+    gelu_module.gelu_accurate = modules.gelu_accurate = gelu_tanh
 
 
 def _patch_bleu_empty_sequences():

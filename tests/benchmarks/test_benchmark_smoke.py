@@ -39,6 +39,15 @@ def test_kd_loss_benchmark_runs_the_triton_kernel_rows(tmp_path):
     assert data["ratios"]["max loss relative difference to plain"] < 1e-5
 
 
+def test_activation_benchmark_compares_fused_gelu_with_fairseqs(tmp_path):
+    data, table = bench("activation", tmp_path, "--repeats", "1", "--warmup", "0")
+    assert len(data["results"]) == 4 and data["max_abs_difference"] < 1e-5  # the same function
+    for res in data["results"].values():
+        assert positive(res["time_ms"]) and positive(res["floor_ms"]), res
+    assert positive(data["ratios"]["student forward+backward: time fused/reference"])
+    assert "| teacher forward | fused |" in table
+
+
 def test_triton_kernel_compiles_for_hopper_without_spills(tmp_path):
     """benchmarks/triton_sass.py: every divergence's kernel, both pass-1 variants, compiled for sm_90
     (the GPU compiler, not the interpreter the kernel tests use); no local memory; one running
