@@ -10,10 +10,9 @@ divergence and H = sum_v h_v, pass 3 writes the gradient w.r.t. the student logi
     dD/ds_j = (1 / T) (h_j - q_j H),   h_v = q_v dD/dq_v  (0 at excluded entries)
 
 Forward and reverse KL need no pass 2: their divergence and H follow from sums accumulated online in
-pass 1 beside the normalizer of p (forward) or q (reverse), rescaled with it (``_online_weighted``).
-Pass 1 keeps a running maximum per lane (``_online_update``, the default: timed on an H100) or, with
-``tile_max``, one per row, the block's maximum taken first (``_tile_update``: one exponential per
-entry instead of two; benchmarks/triton_sass.py counts 67 instead of 144 in the forward-KL kernel).
+pass 1 beside the normalizer of p (forward) or q (reverse), rescaled with it (``_weighted``).
+Pass 1 keeps a running maximum per lane (the default: timed on an H100) or, with ``tile_max``, one
+per row, the block's maximum taken first (``_running_max``: one exponential per entry instead of two; benchmarks/triton_sass.py counts 67 instead of 144 in the forward-KL kernel).
 So the logits are read two or three times in their own dtype and the gradient written once; every
 intermediate stays in registers in float32 (no [N, V] float32 tensor exists). The gradient is
 produced in the forward pass and scaled by the incoming gradient in backward (Liger-Kernel's
@@ -41,40 +40,29 @@ def available(device: torch.device, divergence: str) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _online_update(m_vec, l_vec, x):
-        m_new = tl.maximum(m_vec, x)
-        live = m_new != float("-inf")
-        l_vec = tl.where(live, l_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new), 0.0)
-        return m_new, l_vec
+    def _running_max(m, x, TILE: tl.constexpr):
+        """The running maximum after the block ``x``: one per lane, or with TILE one per row (a
+        scalar, the block's maximum taken first: one exponential per entry instead of two, and no
+        per-lane maxima held in registers)."""
+        if TILE:
+            return tl.maximum(m, tl.max(x, axis=0))
+        else:
+            return tl.maximum(m, x)
 
     @triton.jit
-    def _online_weighted(m_vec, l_vec, u_vec, a_vec, x, y, masked):
-        """``_online_update`` of x's normalizer, plus over kept entries U = sum e^(x - m) and
-        A = sum e^(x - m) (x - y), rescaled with it: afterwards sum_kept softmax(x) = U e^(m - lse_x) and
-        sum_kept softmax(x) (log softmax(x) - log softmax(y)) = A e^(m - lse_x) - U e^(m - lse_x) (lse_x - lse_y)."""
-        m_new = tl.maximum(m_vec, x)
-        live = m_new != float("-inf")
-        scale = tl.where(live, tl.exp(m_vec - m_new), 0.0)
-        w = tl.where(live, tl.exp(x - m_new), 0.0)
-        l_vec = l_vec * scale + w
-        w = tl.where(masked, 0.0, w)
-        u_vec = u_vec * scale + w
-        a_vec = a_vec * scale + w * tl.where(masked, 0.0, x - y)
-        return m_new, l_vec, u_vec, a_vec
-
-    @triton.jit
-    def _tile_update(m, l_vec, x):
-        """``_online_update`` with one running maximum per row (a scalar, the tile's max taken first):
-        one exponential per entry instead of two, and no per-lane maxima held in registers."""
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+    def _update(m, l_vec, x, TILE: tl.constexpr):
+        """Online log-sum-exp: running maximum m and sums l_vec of e^(x - m), rescaled as m grows."""
+        m_new = _running_max(m, x, TILE)
         live = m_new != float("-inf")
         l_vec = tl.where(live, l_vec * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
         return m_new, l_vec
 
     @triton.jit
-    def _tile_weighted(m, l_vec, u_vec, a_vec, x, y, masked):
-        """``_online_weighted`` with one running maximum per row, as ``_tile_update``."""
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+    def _weighted(m, l_vec, u_vec, a_vec, x, y, masked, TILE: tl.constexpr):
+        """``_update`` of x's normalizer, plus over kept entries U = sum e^(x - m) and
+        A = sum e^(x - m) (x - y), rescaled with it: afterwards sum_kept softmax(x) = U e^(m - lse_x) and
+        sum_kept softmax(x) (log softmax(x) - log softmax(y)) = A e^(m - lse_x) - U e^(m - lse_x) (lse_x - lse_y)."""
+        m_new = _running_max(m, x, TILE)
         live = m_new != float("-inf")
         scale = tl.where(live, tl.exp(m - m_new), 0.0)
         w = tl.where(live, tl.exp(x - m_new), 0.0)
@@ -135,7 +123,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row, g_row = S + row * stride_s, T + row * stride_t, G + row * stride_g
         ninf = float("-inf")
-        if TILE:  # one running maximum per row (_tile_update); else one per lane (_online_update)
+        if TILE:  # one running maximum per row, else one per lane (_running_max)
             ms = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
             mt = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
             mr = tl.max(tl.full([BLOCK], ninf, tl.float32), axis=0)
@@ -146,7 +134,7 @@ if triton is not None:
         ls = tl.zeros([BLOCK], tl.float32)
         lt = tl.zeros([BLOCK], tl.float32)
         lr = tl.zeros([BLOCK], tl.float32)
-        # forward KL: U, A of the teacher's softmax (p); reverse KL: of the student's (q); see _online_weighted
+        # forward KL: U, A of the teacher's softmax (p); reverse KL: of the student's (q); see _weighted
         ua = tl.zeros([BLOCK], tl.float32)
         aa = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):  # pass 1: log-normalizers (and forward/reverse KL's sums)
@@ -159,30 +147,17 @@ if triton is not None:
             t = tl.where(t == float("inf"), ninf, t)
             sk = s * inv_temp
             tk = t * inv_temp
-            if TILE:
-                if DIV == 0:
-                    ms, ls = _tile_update(ms, ls, sk)
-                    mt, lt, ua, aa = _tile_weighted(mt, lt, ua, aa, tk, sk, masked)
-                elif DIV == 1:
-                    ms, ls, ua, aa = _tile_weighted(ms, ls, ua, aa, sk, tk, masked)
-                    mt, lt = _tile_update(mt, lt, tk)
-                else:
-                    ms, ls = _tile_update(ms, ls, sk)
-                    mt, lt = _tile_update(mt, lt, tk)
-                if not SAME_T:
-                    mr, lr = _tile_update(mr, lr, s)
+            if DIV == 0:
+                ms, ls = _update(ms, ls, sk, TILE)
+                mt, lt, ua, aa = _weighted(mt, lt, ua, aa, tk, sk, masked, TILE)
+            elif DIV == 1:
+                ms, ls, ua, aa = _weighted(ms, ls, ua, aa, sk, tk, masked, TILE)
+                mt, lt = _update(mt, lt, tk, TILE)
             else:
-                if DIV == 0:
-                    ms, ls = _online_update(ms, ls, sk)
-                    mt, lt, ua, aa = _online_weighted(mt, lt, ua, aa, tk, sk, masked)
-                elif DIV == 1:
-                    ms, ls, ua, aa = _online_weighted(ms, ls, ua, aa, sk, tk, masked)
-                    mt, lt = _online_update(mt, lt, tk)
-                else:
-                    ms, ls = _online_update(ms, ls, sk)
-                    mt, lt = _online_update(mt, lt, tk)
-                if not SAME_T:
-                    mr, lr = _online_update(mr, lr, s)
+                ms, ls = _update(ms, ls, sk, TILE)
+                mt, lt = _update(mt, lt, tk, TILE)
+            if not SAME_T:
+                mr, lr = _update(mr, lr, s, TILE)
         lse_s = _normalizer(ms, ls, TILE)
         lse_t = _normalizer(mt, lt, TILE)
         if SAME_T:
