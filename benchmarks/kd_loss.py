@@ -22,6 +22,7 @@ at the measured copy bandwidth, and time / floor.
 """
 import argparse
 import functools
+import inspect
 import os
 import sys
 
@@ -36,6 +37,7 @@ from distill_plugins.chunked_divergences import (  # noqa: E402
     DEFAULT_CHUNK_SIZE, chunked_kd_loss, forward_kl_loss_and_grad, fused_kd_loss, plain_kd_loss,
     reverse_kl_loss_and_grad,
 )
+from distill_plugins import triton_kd  # noqa: E402
 from distill_plugins.divergences import DIVERGENCES  # noqa: E402
 
 PRESETS = {
@@ -47,7 +49,6 @@ PRESETS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("reference", "plain", "chunked", "fused", "triton", "triton_tile")
 GPU_IMPLS = ("triton", "triton_tile")
-COEF = {"skew_kl": 0.1, "skew_reverse_kl": 0.1, "js": 0.5}  # the kernel's coefficient: divergences.py's defaults
 
 
 def reference_loss(student, teacher, labels, kd_ratio):
@@ -88,8 +89,6 @@ def parse_args(argv=None):
     n, v, d, dt = PRESETS[args.preset]
     args.tokens, args.vocab, args.hidden = args.tokens or n, args.vocab or v, args.hidden or d
     args.dtype = args.dtype or dt
-    from distill_plugins import triton_kd
-
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel on CPU tensors (tests; not a timing)
     kernel = ((args.device == "cuda" or interpreted) and triton_kd.triton is not None
               and args.divergence in triton_kd.DIVERGENCE_IDS)
@@ -129,6 +128,9 @@ def main(argv=None):
     elif args.divergence == "reverse_kl" and not args.no_analytic:
         vg = reverse_kl_loss_and_grad
     r, chunk = args.kd_ratio, args.chunk_size
+    # the kernel's coefficient: the divergence's own default alpha (skew) or beta (js), as ``div`` uses
+    params = inspect.signature(DIVERGENCES[args.divergence]).parameters
+    coef = next((params[k].default for k in ("alpha", "beta") if k in params), 0.0)
 
     def run(impl):
         if impl == "fused":
@@ -139,11 +141,8 @@ def main(argv=None):
             if impl == "reference":
                 loss = reference_loss(student, teacher, labels, r)
             elif impl in GPU_IMPLS:
-                from distill_plugins import triton_kd
-
                 kd, ce, grad = triton_kd.kd_rows_and_grad(student.detach(), teacher, labels, args.divergence, r,
-                                                          coef=COEF.get(args.divergence, 0.0),
-                                                          tile_max=impl == "triton_tile")
+                                                          coef=coef, tile_max=impl == "triton_tile")
                 student.grad = grad  # what TritonKDLoss's backward hands on (times an incoming 1)
                 return (1.0 - r) * ce.sum() + r * kd.sum()
             elif impl == "plain":

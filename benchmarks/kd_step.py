@@ -226,9 +226,26 @@ def make_teacher(args, task, data_dir, device):
     return teacher
 
 
+def trainer_step(cfg, task, model, criterion, sample, *also):
+    """(step, state_bytes) of fairseq's ``Trainer.train_step`` on ``sample``: state_bytes counts the
+    model, ``also`` (e.g. the teacher) and the optimizer's state, fp32 master weights included."""
+    from fairseq.trainer import Trainer
+
+    trainer = Trainer(cfg, task, model, criterion)
+
+    def step():
+        trainer.train_step([sample])
+
+    def state_bytes():
+        opt = trainer.optimizer
+        return tensor_bytes(model, *also, opt.optimizer, getattr(opt, "fp32_params", None),
+                            getattr(getattr(opt, "fp32_optimizer", None), "optimizer", None))
+
+    return step, state_bytes
+
+
 def build_ours(args, device, data_dir, cached=False):
     from fairseq import tasks
-    from fairseq.trainer import Trainer
 
     extra = ["--criterion", args.criterion, "--kd-ratio", str(args.kd_ratio)]
     if args.kd_impl:
@@ -252,16 +269,7 @@ def build_ours(args, device, data_dir, cached=False):
     task.teachers = [teacher]
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
-    trainer = Trainer(cfg, task, model, criterion)
-
-    def step():
-        trainer.train_step([sample])
-
-    def state_bytes():
-        opt = trainer.optimizer
-        return tensor_bytes(model, getattr(teacher, "model", None), opt.optimizer, getattr(opt, "fp32_params", None),
-                            getattr(getattr(opt, "fp32_optimizer", None), "optimizer", None))
-
+    step, state_bytes = trainer_step(cfg, task, model, criterion, sample, getattr(teacher, "model", None))
     info = {"kd_impl": str(criterion.cfg.kd_impl), "kd_chunk_size": criterion.cfg.kd_chunk_size,
             "criterion": args.criterion, "teacher_dtype": args.teacher_dtype,
             "compile_teacher": args.compile_teacher, "kd_compile": args.kd_compile, "precision": args.precision,
@@ -281,8 +289,7 @@ def build_teacher_part(args, device, data_dir):
 
     def step():
         with torch.no_grad():
-            rows = teacher.rows(sample["net_input"], mask, True)
-        return rows
+            return teacher.rows(sample["net_input"], mask, True)
 
     p_teacher = count_params(teacher.model)
     embeddings = sum(p.numel() for n, p in teacher.model.named_parameters()
@@ -296,22 +303,11 @@ def build_student_part(args, device, data_dir):
     """The student's part of ``ours`` alone: the same fairseq Trainer step with no teacher
     (``--criterion cross_entropy``, fairseq's own: full [N, V] logits)."""
     from fairseq import tasks
-    from fairseq.trainer import Trainer
 
     cfg = parse_fairseq(fairseq_args(args, data_dir, args.student, device, ["--criterion", "cross_entropy"]))
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
-    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
-    sample = make_sample(args, device)
-
-    def step():
-        trainer.train_step([sample])
-
-    def state_bytes():
-        opt = trainer.optimizer
-        return tensor_bytes(model, opt.optimizer, getattr(opt, "fp32_params", None),
-                            getattr(getattr(opt, "fp32_optimizer", None), "optimizer", None))
-
+    step, state_bytes = trainer_step(cfg, task, model, task.build_criterion(cfg.criterion), make_sample(args, device))
     return step, state_bytes, count_params(model), 0, {"criterion": "cross_entropy", "precision": args.precision}
 
 

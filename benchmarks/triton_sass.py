@@ -26,11 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 
 
-def launch_settings(divergence):
-    """(BLOCK, num_warps) as ``triton_kd.kd_rows_and_grad`` picks them."""
-    return (2048, 4) if divergence in ("forward_kl", "reverse_kl") else (8192, 16)
-
-
 def compile_kernel(divergence, tile_max, same_t=True, dtype="bf16", arch=90):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -38,7 +33,7 @@ def compile_kernel(divergence, tile_max, same_t=True, dtype="bf16", arch=90):
 
     from distill_plugins import triton_kd
 
-    block, warps = launch_settings(divergence)
+    block, warps = triton_kd.launch_settings(divergence)
     ptr = f"*{dtype}"
     signature = {"S": ptr, "T": ptr, "Y": "*i64", "G": ptr, "KD": "*fp32", "CE": "*fp32", "stride_s": "i64",
                  "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_temp": "fp32", "kd_ratio": "fp32",
@@ -87,7 +82,7 @@ def main(argv=None):
     for divergence in [d.strip() for d in args.divergences.split(",") if d.strip()]:
         if divergence not in triton_kd.DIVERGENCE_IDS:
             sys.exit(f"triton_sass: error: --divergences: unknown {divergence}; choose from {', '.join(triton_kd.DIVERGENCE_IDS)}")
-        block, warps = launch_settings(divergence)
+        block, warps = triton_kd.launch_settings(divergence)
         for same_t in same:
             for tile_max in (False, True):
                 r = report(compile_kernel(divergence, tile_max, same_t, args.dtype))

@@ -12,7 +12,8 @@ divergence and H = sum_v h_v, pass 3 writes the gradient w.r.t. the student logi
 Forward and reverse KL need no pass 2: their divergence and H follow from sums accumulated online in
 pass 1 beside the normalizer of p (forward) or q (reverse), rescaled with it (``_weighted``).
 Pass 1 keeps a running maximum per lane (the default: timed on an H100) or, with ``tile_max``, one
-per row, the block's maximum taken first (``_running_max``: one exponential per entry instead of two; benchmarks/triton_sass.py counts 67 instead of 144 in the forward-KL kernel).
+per row, the block's maximum taken first (``_running_max``: one exponential per entry instead of
+two; benchmarks/triton_sass.py counts 67 instead of 144 in the forward-KL kernel).
 So the logits are read two or three times in their own dtype and the gradient written once; every
 intermediate stays in registers in float32 (no [N, V] float32 tensor exists). The gradient is
 produced in the forward pass and scaled by the incoming gradient in backward (Liger-Kernel's
@@ -221,6 +222,12 @@ if triton is not None:
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb)
 
 
+def launch_settings(divergence: str) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of the kernel: tuned on an H100 at 16384 x 50257 bf16 for forward KL and the
+    3-pass divergences; reverse KL (2 passes since session 4) takes forward KL's, not yet timed."""
+    return (2048, 4) if divergence in ("forward_kl", "reverse_kl") else (8192, 16)
+
+
 def kd_rows_and_grad(student: Tensor, teacher: Tensor, labels: Tensor, divergence: str, kd_ratio: float,
                      temperature: float = 1.0, coef: float = 0.0, grad_dtype=None, block: int = None,
                      num_warps: int = None, tile_max: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
@@ -228,12 +235,11 @@ def kd_rows_and_grad(student: Tensor, teacher: Tensor, labels: Tensor, divergenc
     (1 - r) sum CE + r sum D w.r.t. ``student`` [N, V] (in ``grad_dtype``, default the logits').
 
     ``tile_max``: pass 1 keeps one running maximum per row instead of one per lane (half the
-    exponentials there, fewer registers); not the default until it is timed on a GPU
-    (benchmarks/kd_loss.py, impl ``triton_tile``)."""
+    exponentials there); not the default until it is timed on a GPU (benchmarks/kd_loss.py, impl
+    ``triton_tile``)."""
     assert triton is not None, "triton is not installed"
-    if block is None:  # tuned on an H100 at 16384 x 50257 bf16 (benchmarks/kd_loss.py) for forward KL and
-        # the 3-pass divergences; reverse KL (2 passes since session 4) takes forward KL's, not yet timed
-        block, num_warps = (2048, 4) if divergence in ("forward_kl", "reverse_kl") else (8192, 16)
+    if block is None:
+        block, num_warps = launch_settings(divergence)
     assert student.shape == teacher.shape and student.dim() == 2
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
