@@ -15,7 +15,9 @@
 #   kernels   tests/gpu (Triton KD kernels against float64 references)
 #   loss      benchmarks/kd_loss.py, 16,384 x 50,257 bf16 logits: forward KL, reverse KL, skew KL; every impl,
 #             the Triton kernel with both pass-1 variants (triton: per-lane maxima, the default; triton_tile);
-#             benchmarks/activation.py: GPT-2's GELU per step, fairseq's 8-op form against the fused op
+#             benchmarks/activation.py: GPT-2's GELU per step, fairseq's 8-op form against the fused op;
+#             benchmarks/attention.py: the decoder's self-attention per step, fairseq's masked form against
+#             is_causal (causal_attention.py), full-length and padded
 #   terms     benchmarks/minillm_terms.py: MiniLLM's L_reg + L_pt, fused against plain (GPT-2 XL -> base)
 #   generate  benchmarks/generation.py: prompt prefill against fairseq's prompt forcing
 #   minillm   examples/minillm/gpu_smoke.sh at GPT-2 XL -> base shapes (MINILLM_SIZE=gpt2, the default;
@@ -68,6 +70,8 @@ for d in forward_kl reverse_kl skew_kl; do
 done
 stage loss_activation 60 python3 benchmarks/activation.py --device "$DEVICE" --preset "${ACT_PRESET:-gpt2-xl-base}" \
   --json "$R/activation.json"
+stage loss_attention 90 python3 benchmarks/attention.py --device "$DEVICE" --preset "${ACT_PRESET:-gpt2-xl-base}" \
+  --json "$R/attention.json"
 stage step_compile 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[@]}" --run ours,teacher \
   --compile-teacher --json "$R/step_compile.json"
 stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \

@@ -9,6 +9,8 @@
 - fairseq's ``gelu_accurate`` (GPT-2's tanh GELU, every ``kd_gpt2_*`` model and converted GPT-2)
   is eight elementwise kernels, and a graph break under ``torch.compile``; it becomes torch's one
   fused op (``_fuse_gelu_accurate``).
+- fairseq's decoder self-attention passes an explicit future mask (no FlashAttention) and, with
+  padding, a dense [batch x heads, T, T] mask; it goes through ``is_causal`` (``causal_attention.py``).
 """
 import argparse
 import types
@@ -26,8 +28,9 @@ def apply():
         torch.serialization.add_safe_globals([argparse.Namespace])
     _patch_bleu_empty_sequences()
     _fuse_gelu_accurate()
-    from . import distributed_compat, master_weights
+    from . import causal_attention, distributed_compat, master_weights
 
+    causal_attention.apply()
     distributed_compat.apply()
     master_weights.apply()
 

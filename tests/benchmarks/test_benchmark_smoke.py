@@ -48,6 +48,15 @@ def test_activation_benchmark_compares_fused_gelu_with_fairseqs(tmp_path):
     assert "| teacher forward | fused |" in table
 
 
+def test_attention_benchmark_compares_causal_sdpa_with_fairseqs(tmp_path):
+    data, table = bench("attention", tmp_path, "--repeats", "1", "--warmup", "0")
+    assert len(data["results"]) == 8 and max(data["max_abs_difference"].values()) < 1e-5  # the same function
+    for res in data["results"].values():
+        assert positive(res["time_ms"]) and positive(res["tokens_per_s"]) and positive(res["peak_extra_mib"]), res
+    assert positive(data["ratios"]["student forward+backward, padded: memory ours/fairseq"])
+    assert "| teacher forward, padded | ours |" in table
+
+
 def test_triton_kernel_compiles_for_hopper_without_spills(tmp_path):
     """benchmarks/triton_sass.py: every divergence's kernel, both pass-1 variants, compiled for sm_90
     (the GPU compiler, not the interpreter the kernel tests use); no local memory; one running
