@@ -260,7 +260,8 @@ class InstructionDistillationTask(FairseqTask):
 
     def gather_worker_states(self) -> None:
         """Called on every worker right before rank 0 writes a checkpoint: rank 0 gets all workers'
-        ``worker_state`` for its ``state_dict`` ("workers", indexed by rank)."""
+        ``worker_state`` for its ``state_dict`` ("workers", indexed by rank; rank 0's entry is None, its
+        state being the checkpoint's own, so that it is not stored twice)."""
         self._worker_states = None
         world = rank_and_world()[1]
         own = self.worker_state()
@@ -268,11 +269,11 @@ class InstructionDistillationTask(FairseqTask):
             return
         states = [None] * world
         torch.distributed.all_gather_object(states, own, group=distributed_utils.get_data_parallel_group())
-        self._worker_states = states
+        self._worker_states = [None] + states[1:]
 
     def own_restored_state(self, key: str):
         """``key`` of the resumed task state as this worker saved it, when the number of workers is the
-        same; else the checkpoint's own (rank 0's)."""
+        same (rank 0's is the checkpoint's own); else the checkpoint's own."""
         state = self.restored_state or {}
         workers = state.get("workers")
         rank, world = rank_and_world()

@@ -17,7 +17,8 @@ def test_two_workers_resume_inside_a_collection(data_bin, teacher_ckpt, tmp_path
     train_two(data_bin, tmp_path, *args, max_update=2)
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["task_state"]
     assert state["minillm"]["world"] == 2 and state["minillm"]["store"]["epochs_done"] == 1
-    saved = [w["minillm"] for w in state["workers"]]  # every worker's own store, by rank
+    assert state["workers"][0] is None  # rank 0's store is the checkpoint's own (stored once)
+    saved = [state["minillm"]] + [w["minillm"] for w in state["workers"][1:]]  # every worker's own, by rank
     assert [w["rank"] for w in saved] == [0, 1] and [w["store"]["epochs_done"] for w in saved] == [1, 1]
     proc = train_two(data_bin, tmp_path, *args, max_update=3)
     log = proc.stdout + proc.stderr
@@ -25,6 +26,5 @@ def test_two_workers_resume_inside_a_collection(data_bin, teacher_ckpt, tmp_path
     assert "resumed collection 1: 8 rollouts, pass 1 of 2, 0 left in it" in log  # rank 0 (other ranks log warnings only)
     end = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["task_state"]
     # both workers finished their saved collection (a worker that started anew would be at collection 2, pass 1)
-    for w in end["workers"]:
-        m = w["minillm"]
+    for m in [end["minillm"]] + [w["minillm"] for w in end["workers"][1:]]:
         assert m["collections"] == 1 and m["store"]["epochs_done"] == 2 and m["prompt_order"]["pos"] == 8, m
