@@ -10,7 +10,6 @@ multiplied by the number of layers, so the times are per step. Reported: median 
 memory (``measure.py``), the bytes floor (the input read and the output written once, plus for the
 backward the incoming gradient read and the input gradient written) and the ratios.
 """
-import argparse
 import os
 import sys
 
@@ -44,13 +43,7 @@ def original_gelu_accurate():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args(argv)
+    args = measure.arguments(__doc__, PRESETS).parse_args(argv)
     device = measure.device_of(args.device)
     from distill_plugins.compat import gelu_tanh
 

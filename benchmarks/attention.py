@@ -11,7 +11,6 @@ layer after layer, so the student's backward keeps every layer's tensors): the t
 (lengths drawn uniformly from [T/4, T], as instruction data has). Reported: median time, tokens/s,
 extra peak memory (``measure.py``) and ours/fairseq's ratios; and the largest output difference.
 """
-import argparse
 import os
 import sys
 
@@ -32,13 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args(argv)
+    args = measure.arguments(__doc__, PRESETS).parse_args(argv)
     device = measure.device_of(args.device)
     import distill_plugins  # noqa: F401  (compat.apply: causal_attention installed)
     from fairseq.modules import MultiheadAttention
@@ -54,15 +47,15 @@ def main(argv=None):
     paddings = {"full length": None,
                 "padded": (torch.arange(length)[None, :] >= lengths[:, None]).to(device)}
 
-    def module(layers, dim, heads, dropout):
-        m = MultiheadAttention(dim, heads, dropout=dropout, self_attention=True).to(device, dtype)
+    def module(dim, heads):
+        m = MultiheadAttention(dim, heads, dropout=0.0, self_attention=True).to(device, dtype)
         setattr(m, causal_attention._MARK, True)  # as a decoder layer's build_self_attention does
         return m
 
     t_layers, t_dim, t_heads = teacher
     s_layers, s_dim, s_heads = student
-    t_attn = module(t_layers, t_dim, t_heads, 0.0).eval()
-    s_attn = module(s_layers, s_dim, s_heads, 0.0).train()  # dropout 0: the same function for the diff
+    t_attn = module(t_dim, t_heads).eval()
+    s_attn = module(s_dim, s_heads).train()  # dropout 0: the same function, for the difference
     x_t = torch.randn(length, batch, t_dim, device=device, dtype=dtype)
     x_s = torch.randn(length, batch, s_dim, device=device, dtype=dtype, requires_grad=True)
 

@@ -16,6 +16,19 @@ import torch
 DEFAULT_PEAK_FLOPS = {"cuda": 790e12}  # H100 bf16 dense, measured (../shared/specs/perf_anchors.md)
 
 
+def arguments(doc: str, presets, warmup: int = 2, repeats: int = 5):
+    """The parser of a per-preset benchmark: --device, --preset, --warmup, --repeats, --json."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--preset", choices=sorted(presets), default="cpu-tiny")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--json", help="write the figures here")
+    return ap
+
+
 def device_of(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmark: error: --device cuda but torch sees no CUDA device; use --device cpu")
