@@ -12,8 +12,12 @@ fairseq 0.12.3's MultiheadAttention hands training and teacher forwards to torch
 
 Here the decoder layers' self-attention (marked when fairseq builds them) computes the same
 function: no padding -> ``is_causal=True``; padding -> the future mask with the padded keys set to
--inf, broadcast over heads ([batch, 1, T, T]). Everything else (incremental decoding, attention
-weights asked for, encoder-decoder attention, xformers, other masks) goes to fairseq's own forward.
+-inf, broadcast over heads ([batch, 1, T, T]). Incremental decoding too (a prompt prefill and the
+one-token steps, whose fairseq path materialises [batch x heads, T, S] fp32 weights), with the
+key/value cache kept in fairseq's layout. A [T, T] mask given to a marked module is taken to be the
+decoder's future mask: fairseq's decoder and prompt_prefill.py pass no other. Everything else
+(attention weights asked for, encoder-decoder attention, xformers, other masks) goes to fairseq's
+own forward.
 Same values as fairseq's path (tests/test_causal_attention.py); ``benchmarks/attention.py`` times both.
 """
 import torch
@@ -48,7 +52,7 @@ def _forward(self, query, key, value, key_padding_mask=None, incremental_state=N
              static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
     if _applies(self, query, key, value, incremental_state, need_weights, static_kv, attn_mask,
                 before_softmax, need_head_weights):
-        return causal_self_attention(self, query, key_padding_mask, attn_mask), None
+        return causal_self_attention(self, query, key_padding_mask, attn_mask, incremental_state), None
     return fairseq_forward(self, query, key, value, key_padding_mask=key_padding_mask,
                            incremental_state=incremental_state, need_weights=need_weights, static_kv=static_kv,
                            attn_mask=attn_mask, before_softmax=before_softmax, need_head_weights=need_head_weights)
@@ -57,19 +61,28 @@ def _forward(self, query, key, value, key_padding_mask=None, incremental_state=N
 def _applies(self, query, key, value, incremental_state, need_weights, static_kv, attn_mask,
              before_softmax, need_head_weights) -> bool:
     # A decoder layer passes its decoder's future mask (buffered_future_mask) as attn_mask to its
-    # self-attention whenever incremental_state is None; cross-self attention passes another key.
-    return (getattr(self, _MARK, False) and self.self_attention and key is query and value is query
-            and incremental_state is None and not static_kv and not need_weights and not need_head_weights
-            and not before_softmax and attn_mask is not None and attn_mask.dim() == 2
-            and attn_mask.shape == (query.size(0), query.size(0))
+    # self-attention for a full sequence, and so does a prompt prefill (prompt_prefill.py) with an
+    # empty cache; one-token incremental steps pass none. Cross-self attention passes another key.
+    if not (getattr(self, _MARK, False) and self.self_attention and key is query and value is query
+            and not static_kv and not need_weights and not need_head_weights and not before_softmax
             and self.bias_k is None and self.bias_v is None and not self.add_zero_attn
             and not self.use_xformers and not self.onnx_trace and not self.skip_embed_dim_check
-            and query.device.type != "xla")
+            and query.device.type != "xla"):
+        return False
+    length = query.size(0)
+    if incremental_state is None:
+        return attn_mask is not None and attn_mask.shape == (length, length)
+    cached = "prev_key" in self._get_input_buffer(incremental_state)
+    if attn_mask is None:
+        return True
+    return not cached and attn_mask.shape == (length, length)  # a prefill
 
 
-def causal_self_attention(self, x, key_padding_mask, future_mask):
-    """softmax(q k^T / sqrt(d_head) + mask) v for x [T, B, C]; ``future_mask`` is the decoder's [T, T]
-    mask (0 on and below the diagonal, -inf above), ``key_padding_mask`` [B, T] is True at pads."""
+def causal_self_attention(self, x, key_padding_mask, future_mask, incremental_state=None):
+    """softmax(q k^T / sqrt(d_head) + mask) v for x [T, B, C]. ``future_mask``: the decoder's [T, T]
+    mask (0 on and below the diagonal, -inf above) or None (a one-token step); ``key_padding_mask``
+    [B, T] (True at pads) for the new tokens. With ``incremental_state``, keys and values are
+    appended to its cache in fairseq's own layout, so that fairseq's code can read and reorder it."""
     length, batch, dim = x.shape
     heads = self.num_heads
 
@@ -79,11 +92,32 @@ def causal_self_attention(self, x, key_padding_mask, future_mask):
     q = split(self.q_proj(x))
     k = split(self.k_proj(x))
     v = split(self.v_proj(x))
+    if incremental_state is not None:
+        k, v, key_padding_mask = _append_to_cache(self, incremental_state, k, v, key_padding_mask)
     dropout = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
     if key_padding_mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=future_mask is not None)
     else:
         pads = key_padding_mask.to(torch.bool)[:, None, None, :]
-        mask = future_mask.to(q.dtype)[None, None].masked_fill(pads, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        mask = (future_mask.to(q.dtype)[None, None] if future_mask is not None
+                else q.new_zeros(1, 1, 1, k.size(2)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(pads, float("-inf")),
+                                             dropout_p=dropout)
     return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, dim))
+
+
+def _append_to_cache(self, incremental_state, k, v, key_padding_mask):
+    """fairseq's incremental self-attention cache: prev_key / prev_value [B, H, S, C / H] and
+    prev_key_padding_mask [B, S] (merged by fairseq's own rule), with the new keys appended."""
+    saved = self._get_input_buffer(incremental_state)
+    if "prev_key" in saved:
+        k = torch.cat([saved["prev_key"], k], dim=2)
+        v = torch.cat([saved["prev_value"], v], dim=2)
+    else:
+        k, v = k.contiguous(), v.contiguous()
+    key_padding_mask = type(self)._append_prev_key_padding_mask(
+        key_padding_mask=key_padding_mask, prev_key_padding_mask=saved.get("prev_key_padding_mask"),
+        batch_size=k.size(0), src_len=k.size(2), static_kv=False)
+    saved["prev_key"], saved["prev_value"], saved["prev_key_padding_mask"] = k, v, key_padding_mask
+    self._set_input_buffer(incremental_state, saved)
+    return k, v, key_padding_mask

@@ -1,7 +1,8 @@
 """causal_attention.py: the decoder's self-attention through SDPA with is_causal (no padding) or a
 [B, 1, T, T] mask (padding) computes what fairseq's own forward computes, in values and gradients
 (float64), in the models, with dropout statistics, without a graph break, and without keeping the
-dense [B x H, T, T] mask for the backward."""
+dense [B x H, T, T] mask for the backward; incremental decoding (prefill, steps, beam reorder) keeps
+fairseq's cache."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,13 +81,16 @@ def test_calls_that_do_not_apply_go_to_fairseq(monkeypatch):
     for module_, kwargs in [
         (module, dict(need_weights=True, attn_mask=mask)),         # attention weights asked for
         (module, dict(need_weights=False, attn_mask=None)),        # no future mask
-        (module, dict(need_weights=False, attn_mask=mask, incremental_state={})),
         (unmarked, dict(need_weights=False, attn_mask=mask)),      # an encoder's or another model's
     ]:
         out, _ = module_(x, x, x, **kwargs)
         assert out.shape == x.shape
     y = torch.randn(length, 2, 32, dtype=torch.float64)
     module(x, y, y, need_weights=False, attn_mask=mask)            # key is not the query
+    cached = {}
+    causal_attention.fairseq_forward(module, x, x, x, incremental_state=cached, need_weights=False, attn_mask=mask)
+    with pytest.raises(RuntimeError):  # several new tokens after a cache with a [T, T] mask: fairseq's error
+        module(x, x, x, need_weights=False, attn_mask=mask, incremental_state=cached)
     assert taken == []
     module(x, x, x, need_weights=False, attn_mask=mask)
     assert taken == [1]
@@ -168,3 +172,40 @@ def test_padded_backward_keeps_no_dense_mask():
     ref = saved_bytes(lambda: causal_attention.fairseq_forward(module, x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False))
     dense = batch * heads * length * length * 4
     assert ref - ours >= dense * 3 // 4, (ref, ours, dense)
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_incremental_prefill_steps_and_reorder_match_fairseq(left_padded):
+    """A prompt prefill (left-padded rows, future mask), one-token steps with and without a padding
+    mask, and a beam reorder midway: every output and the whole cache equal fairseq's."""
+    module, length = attention(), 6
+    module.eval()
+    torch.manual_seed(3)
+    prompt = torch.randn(length, 3, 32, dtype=torch.float64)
+    kpm = padding([6, 6, 6], length) if not left_padded else torch.arange(length)[None, :] < torch.tensor([[0], [2], [4]])
+    caches, outs = [{}, {}], [[], []]
+    steps = [torch.randn(1, 3, 32, dtype=torch.float64) for _ in range(4)]
+    for i, forward in enumerate((causal_attention._forward, causal_attention.fairseq_forward)):
+        with torch.no_grad():
+            out, _ = forward(module, prompt, prompt, prompt, key_padding_mask=kpm if left_padded else None,
+                             incremental_state=caches[i], need_weights=False, attn_mask=future_mask(length))
+            rows = ~kpm.t() if left_padded else torch.ones(length, 3, dtype=torch.bool)
+            outs[i].append(out[rows])
+            for j, x in enumerate(steps):
+                if j == 2:  # beam search drops / repeats rows
+                    module.reorder_incremental_state(caches[i], torch.tensor([2, 0, 0]))
+                step_kpm = torch.zeros(3, 1, dtype=torch.bool) if j == 1 else None
+                out, _ = forward(module, x, x, x, key_padding_mask=step_kpm, incremental_state=caches[i],
+                                 need_weights=False)
+                outs[i].append(out)
+    # fairseq's incremental path takes its softmax in fp32 whatever the input (utils.softmax)
+    for i, (a, b) in enumerate(zip(*outs)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (i, (a - b).abs().max())
+    ours, ref = (module._get_input_buffer(c) for c in caches)
+    assert set(ours) == set(ref) == {"prev_key", "prev_value", "prev_key_padding_mask"}
+    for name in ours:
+        if ref[name] is None:
+            assert ours[name] is None
+        else:
+            assert ours[name].shape == ref[name].shape and ours[name].dtype == ref[name].dtype
+            assert torch.allclose(ours[name], ref[name], rtol=1e-12, atol=1e-12), name
