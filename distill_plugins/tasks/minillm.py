@@ -18,8 +18,9 @@ and the --lm-data order are saved in the task state and restored at the first st
 single-worker run trains on what an uninterrupted one would (fairseq reseeds torch per update).
 With several workers every worker's store is saved too (the task gathers them before rank 0 writes,
 ``distributed_compat.py``): resumed on as many workers, each continues its own collection; on another
-number of workers rank 0 resumes its store and the others start a new collection, all continuing
-the prompt order at rank 0's position (all take the same number of prompts per collection).
+number of workers every worker starts a new collection (a store is one worker's share of one),
+all continuing the prompt order at rank 0's position (all take the same number of prompts per
+collection).
 
 The student is in eval mode (no dropout) during rollouts and training (MiniLLM model.py). With
 ``--lm-data`` each minibatch also gets a language-modelling batch for the criterion's L_pt term
