@@ -1,5 +1,6 @@
 """Causal self-attention of fairseq's decoder layers through one ``scaled_dot_product_attention``
-call with ``is_causal`` (FlashAttention on CUDA) instead of an explicit [T, T] mask.
+call: with ``is_causal`` (FlashAttention on CUDA) instead of an explicit [T, T] mask when there is
+no padding.
 
 fairseq 0.12.3's MultiheadAttention hands training and teacher forwards to torch's
 ``F.multi_head_attention_forward`` with the decoder's float future mask. Two costs follow:
@@ -29,7 +30,7 @@ fairseq_forward = None  # MultiheadAttention.forward as fairseq defines it, set 
 
 def apply():
     """Mark the self-attention of every fairseq decoder layer built from now on, and route the
-    marked modules' full-sequence forwards through ``causal_self_attention``."""
+    marked modules' forwards (full sequences, prefills, cached steps) through ``causal_self_attention``."""
     global fairseq_forward
     from fairseq.modules import multihead_attention, transformer_layer
 
