@@ -24,7 +24,14 @@
    worker that crashed, before its ``crash.pt``: a collective there would hang the job.) The
    function object keeps fairseq's ``save_checkpoint.best`` (the best validation loss), which
    fairseq reads and writes through the module attribute, so it stays on the wrapper.
+
+4. Workers that end with their process group alive. fairseq-train never destroys the default
+   process group, so its gloo/NCCL threads are torn down by C++ static destructors after Python
+   has finalized; a CPU worker sometimes died there with "terminate called without an active
+   exception" (SIGABRT, exit code -6) after a finished run, failing the launch. The process group
+   is now destroyed at interpreter exit (``atexit``), while Python is still alive.
 """
+import atexit
 import io
 
 import torch
@@ -70,6 +77,11 @@ def gather_worker_states_first(save_checkpoint):
     return save
 
 
+def destroy_process_group_at_exit():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def apply():
     from fairseq.distributed import utils as du
     from fairseq.models import distributed_fairseq_model
@@ -80,5 +92,7 @@ def apply():
 
     if not issubclass(distributed_fairseq_model.DistributedDataParallel, CPUAwareDistributedDataParallel):
         distributed_fairseq_model.DistributedDataParallel = CPUAwareDistributedDataParallel
+    atexit.unregister(destroy_process_group_at_exit)  # once, however often apply() runs
+    atexit.register(destroy_process_group_at_exit)
     if not getattr(du._broadcast_object_slow, "_distill_patched", False):
         du._broadcast_object_slow = receive_trusted_object(du._broadcast_object_slow)
