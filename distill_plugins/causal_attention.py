@@ -70,13 +70,12 @@ def _applies(self, query, key, value, incremental_state, need_weights, static_kv
             and not self.use_xformers and not self.onnx_trace and not self.skip_embed_dim_check
             and query.device.type != "xla"):
         return False
+    if attn_mask is None:  # a cached step; a full sequence without the future mask is no decoder's
+        return incremental_state is not None
     length = query.size(0)
-    if incremental_state is None:
-        return attn_mask is not None and attn_mask.shape == (length, length)
-    cached = "prev_key" in self._get_input_buffer(incremental_state)
-    if attn_mask is None:
-        return True
-    return not cached and attn_mask.shape == (length, length)  # a prefill
+    if attn_mask.shape != (length, length):
+        return False
+    return incremental_state is None or "prev_key" not in self._get_input_buffer(incremental_state)  # a prefill
 
 
 def causal_self_attention(self, x, key_padding_mask, future_mask, incremental_state=None):
