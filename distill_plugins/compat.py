@@ -9,6 +9,8 @@
 - fairseq's ``gelu_accurate`` (GPT-2's tanh GELU, every ``kd_gpt2_*`` model and converted GPT-2)
   is eight elementwise kernels, and a graph break under ``torch.compile``; it becomes torch's one
   fused op (``_fuse_gelu_accurate``).
+- fairseq-train without ``--arch`` ends in a bare ``RuntimeError()``; it becomes a one-line error
+  that names the architectures this package registers (``_explain_missing_arch``).
 - fairseq's decoder self-attention passes an explicit future mask (no FlashAttention) and, with
   padding, a dense [batch x heads, T, T] mask; it goes through ``is_causal`` (``causal_attention.py``).
 """
@@ -27,6 +29,7 @@ def apply():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
     _patch_bleu_empty_sequences()
+    _explain_missing_arch()
     _fuse_gelu_accurate()
     from . import causal_attention, distributed_compat, master_weights
 
@@ -53,6 +56,34 @@ def _fuse_gelu_accurate():
     if modules.gelu_accurate is gelu_tanh:
         return
     gelu_module.gelu_accurate = modules.gelu_accurate = gelu_tanh
+
+
+def _explain_missing_arch():
+    """``options.parse_args_and_arch`` raises ``RuntimeError()``, with no message, when a training
+    parser gets no ``--arch`` (an unknown one is refused by argparse's choices already)."""
+    from fairseq import options
+
+    original = options.parse_args_and_arch
+    if getattr(original, "_distill_patched", False):
+        return
+
+    def parse_args_and_arch(parser, input_args=None, *args, **kwargs):
+        try:
+            return original(parser, input_args, *args, **kwargs)
+        except RuntimeError as e:
+            if e.args or getattr(parser.parse_known_args(input_args)[0], "arch", "") is not None:
+                raise
+            from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+            from .errors import DistillError
+
+            ours = [a for a, f in ARCH_CONFIG_REGISTRY.items()  # kd_gpt2_* configure a fairseq model
+                    if __package__ in (f.__module__.split(".")[0], ARCH_MODEL_REGISTRY[a].__module__.split(".")[0])]
+            raise DistillError(f"no --arch given; choose a model architecture, e.g. one of this package's: "
+                               f"{', '.join(ours)}") from None
+
+    parse_args_and_arch._distill_patched = True
+    options.parse_args_and_arch = parse_args_and_arch
 
 
 def _patch_bleu_empty_sequences():

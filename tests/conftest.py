@@ -3,6 +3,7 @@ through the real CLIs (distill-prepare -> fairseq-preprocess, fairseq-train)."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -71,22 +72,44 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def built_once(tmp_path_factory, name, build):
+    """The directory ``name``, made by ``build(path)`` once per test run and shared by the xdist
+    workers (the first to take the lock builds it; the others wait and reuse it). Session fixtures
+    built this way are read-only for the tests."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / ".built").exists():
+            shutil.rmtree(path, ignore_errors=True)  # a build that failed on another worker
+            path.mkdir()
+            build(path)
+            (path / ".built").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_jsonl(tmp_path_factory):
-    d = tmp_path_factory.mktemp("jsonl")
-    return {
-        "train": write_jsonl(d / "train.jsonl", make_rows(240, 0)),
-        "valid": write_jsonl(d / "valid.jsonl", make_rows(24, 1)),
-        "test": write_jsonl(d / "test.jsonl", make_rows(16, 2)),
-    }
+    def build(d):
+        write_jsonl(d / "train.jsonl", make_rows(240, 0))
+        write_jsonl(d / "valid.jsonl", make_rows(24, 1))
+        write_jsonl(d / "test.jsonl", make_rows(16, 2))
+
+    d = built_once(tmp_path_factory, "jsonl", build)
+    return {split: str(d / f"{split}.jsonl") for split in ("train", "valid", "test")}
 
 
 @pytest.fixture(scope="session")
 def data_bin(tiny_jsonl, tmp_path_factory):
-    dest = tmp_path_factory.mktemp("data") / "bin"
-    run([cli("distill-prepare"), "--train", tiny_jsonl["train"], "--valid", tiny_jsonl["valid"],
-         "--test", tiny_jsonl["test"], "--destdir", dest, "--vocab-size", "400"])
-    return str(dest)
+    def build(d):
+        run([cli("distill-prepare"), "--train", tiny_jsonl["train"], "--valid", tiny_jsonl["valid"],
+             "--test", tiny_jsonl["test"], "--destdir", d / "bin", "--vocab-size", "400"])
+
+    return str(built_once(tmp_path_factory, "data", build) / "bin")
 
 
 def train(data, save_dir, *extra, max_update=10, check=True, env=None):
@@ -98,9 +121,10 @@ def train(data, save_dir, *extra, max_update=10, check=True, env=None):
 @pytest.fixture(scope="session")
 def teacher_ckpt(data_bin, tmp_path_factory):
     """A tiny SFT teacher (a little wider than the students)."""
-    save = tmp_path_factory.mktemp("teacher")
-    train(data_bin, save, "--criterion", "cross_entropy", "--decoder-embed-dim", "48", max_update=30)
-    return str(save / "checkpoint_best.pt")
+    def build(save):
+        train(data_bin, save, "--criterion", "cross_entropy", "--decoder-embed-dim", "48", max_update=30)
+
+    return str(built_once(tmp_path_factory, "teacher", build) / "checkpoint_best.pt")
 
 
 @pytest.fixture(scope="session")

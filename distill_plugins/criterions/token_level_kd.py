@@ -45,7 +45,6 @@ from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
-from .. import triton_kd
 from ..chunked_divergences import (
     DEFAULT_CHUNK_SIZE, KDLoss, chunked_kd_loss, cross_entropy_loss_and_grad, dense_rows, fused_kd_loss,
 )
@@ -102,6 +101,10 @@ def student_side_loss(model, net_input, mask, labels, out, teachers, **kwargs) -
 def triton_chunk_kernel(device, divergence: str, temperature: float = 1.0, coef: float = 0.0):
     """``triton_kd``'s kernel as a chunk ``loss_and_grad`` for ``divergence`` on ``device``, or None
     (not CUDA, no triton, or a divergence it lacks)."""
+    if torch.device(device).type != "cuda":
+        return None
+    from .. import triton_kd  # here: importing triton costs every CPU process 0.25 s at start-up
+
     if not triton_kd.available(device, divergence):
         return None
 

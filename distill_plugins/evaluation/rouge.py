@@ -6,14 +6,16 @@ first end-of-text marker and stripped.
 """
 from typing import List, Sequence
 
-from rouge_score import rouge_scorer
-
 _SCORER = None
 
 
 def _scorer():
     global _SCORER
     if _SCORER is None:
+        # imported here: rouge_score pulls in nltk (0.6 s), which every fairseq-train with this task
+        # would pay at start-up even without --eval-rouge
+        from rouge_score import rouge_scorer
+
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return _SCORER
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from fairseq.data import Dictionary
 
-from conftest import cli, make_rows, run, train, write_jsonl
+from conftest import TRAIN_COMMON, cli, make_rows, run, train, write_jsonl
 from distill_plugins.data.instruction_jsonl import read_instruction_jsonl
 from distill_plugins.errors import DistillError
 from distill_plugins.tasks.instruction_distillation import (
@@ -94,8 +94,17 @@ def test_teacher_with_same_size_other_symbols(data_bin, teacher_ckpt):
 
 
 # ---------------------------------------------------------------------------------------------
-# criterion options
+# criterion and model options
 # ---------------------------------------------------------------------------------------------
+def test_missing_arch(data_bin, tmp_path):
+    """fairseq itself raises a bare RuntimeError() here (compat._explain_missing_arch)."""
+    save = tmp_path / "ckpt"
+    proc = run([cli("fairseq-train"), data_bin, *TRAIN_COMMON, "--save-dir", save, "--max-update", "1"],
+               check=False)
+    assert_no_checkpoint(save)
+    assert_one_line_error(proc, "no --arch given", "kd_gpt2_tiny", "hf_causal_lm")
+
+
 def test_kd_criterion_without_teacher(data_bin, tmp_path):
     proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "reverse_kl")
     assert_one_line_error(proc, "needs a teacher", "--teacher-path")
