@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny instruction data, prepared data-bin and a tiny teacher, built once per session
-through the real CLIs (distill-prepare -> fairseq-preprocess, fairseq-train)."""
+"""Shared fixtures: tiny instruction data, prepared data-bin and a tiny teacher, built once per test run
+for both pytest workers through the real CLIs (distill-prepare -> fairseq-preprocess, fairseq-train)."""
 import json
 import os
 import random
