@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Knowledge distillation of language models as fairseq plugins",
     packages=find_packages(include=["distill_plugins", "distill_plugins.*"]),
+    # Loaded at interpreter start-up by the .pth file scripts/setup_env.sh writes (README, "CLI start-up").
+    py_modules=["fairseq_distill_startup"],
     python_requires=">=3.10",
     # torch is deliberately not listed: a bare `torch` requirement pulls a multi-GB CUDA build.
     # scripts/setup_env.sh installs the pinned CPU wheel (or keeps an existing torch) first.
