@@ -12,9 +12,8 @@ everything succeeded (built in a temporary directory, then renamed).
 """
 import argparse
 import json
+import logging
 import os
-import subprocess
-import sys
 import time
 
 from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
@@ -23,6 +22,29 @@ from ..errors import DistillError
 from ..staged_directory import staged_directory
 
 SPLITS = ("train", "valid", "test")
+
+
+def binarize(argv):
+    """fairseq-preprocess ``argv``, run in this process (fairseq is already imported with the plugin, so
+    this saves a second interpreter's start-up). Its report goes to ``{destdir}/preprocess.log`` only."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    args = options.get_preprocessing_parser().parse_args(argv)
+    log = logging.getLogger("fairseq_cli.preprocess")
+    saved = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        preprocess.main(args)
+    except Exception as e:
+        raise DistillError(f"fairseq-preprocess failed: {type(e).__name__}: {e}") from e
+    finally:
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def get_parser():
@@ -120,13 +142,8 @@ def main(argv=None):
             prefs += [f"--{split}pref", os.path.join(work, split)]
             print(f"| {split}: {counts}", flush=True)
 
-        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt",
-               "--joined-dictionary", "--srcdict", dict_file, "--destdir", out,
-               "--workers", str(args.workers), *prefs]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise DistillError(f"fairseq-preprocess failed: {tail}")
+        binarize(["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary", "--srcdict", dict_file,
+                  "--destdir", out, "--workers", str(args.workers), *prefs])
         with open(os.path.join(out, "prepare_report.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(f"| wrote {dest} in {time.time() - t0:.1f}s", flush=True)
