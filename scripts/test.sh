@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then runs the whole test suite (CPU only; about 13 minutes on 2 cores).
+# Sets up .venv if needed, then runs the whole test suite (CPU only; about 13-15 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
