@@ -3,7 +3,12 @@
 ``fairseq-train --user-dir distill_plugins ...`` (or ``import distill_plugins``) registers the task
 ``instruction_distillation``, the divergence criterions, the ``kd_gpt2_*`` architectures and ``hf_causal_lm``.
 """
-from . import compat
+import logging
+
+# fairseq's text_to_speech task logs "Please install tensorboardX" when first imported; nothing here needs it.
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+
+from . import compat  # noqa: E402
 
 compat.apply()
 
