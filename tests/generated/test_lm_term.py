@@ -53,7 +53,7 @@ def test_lm_term_chunked_and_fused_give_plain_gradients(setup):
         student.zero_grad()
         lm_sum, n_lm = criterion.lm_term(student, lm)
         lm_sum.backward()
-        grads[impl] = (float(lm_sum), [p.grad.clone() for p in student.parameters() if p.grad is not None])
+        grads[impl] = (float(lm_sum.detach()), [p.grad.clone() for p in student.parameters() if p.grad is not None])
     assert float(grads["plain"][0]) == pytest.approx(lm_ce64(student, lm, task.dictionary.pad())[0], rel=1e-5)
     for impl in ("chunked", "fused"):
         assert grads[impl][0] == pytest.approx(grads["plain"][0], rel=1e-5)
@@ -84,10 +84,10 @@ def test_loss_is_the_sum_of_its_parts(setup, impl, lm_coef):
     loss, sample_size, log = criterion(student, dict(sample, lm=lm))
     want = 0.7 * ce + 0.3 * kd + lm_coef * n * lm_sum / n_lm
     assert sample_size == n and loss.requires_grad
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
     assert float(log["lm_loss"]) == pytest.approx(lm_sum, rel=1e-5) and log["lm_ntokens"] == n_lm
     plain, _, plain_log = criterion(student, sample)  # without an LM batch: the CE/KD mix alone
-    assert float(plain) == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5) and "lm_loss" not in plain_log
+    assert float(plain.detach()) == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5) and "lm_loss" not in plain_log
 
     with metrics.aggregate() as agg:  # logged per LM token, in base 2 like fairseq's losses
         type(criterion).reduce_metrics([log])

@@ -49,7 +49,7 @@ def test_chunked_and_fused_equal_plain(setup, k):
         pt = criterion.pretraining_term(student, lm)
         pt.loss.backward()
         results[impl] = pt, [p.grad.clone() for p in student.parameters()]
-        assert (float(pt.loss.detach()), float(pt.lm), float(pt.kd)) == pytest.approx(want, rel=1e-5, abs=1e-7), impl
+        assert (float(pt.loss.detach()), float(pt.lm.detach()), float(pt.kd.detach())) == pytest.approx(want, rel=1e-5, abs=1e-7), impl
     for impl in ("chunked", "fused"):
         for a, b in zip(results[impl][1], results["plain"][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
