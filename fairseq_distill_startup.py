@@ -2,7 +2,7 @@
 
 fairseq imports every task and criterion it ships when ``fairseq.tasks`` is first imported. Two of them,
 ``fairseq.criterions.sentence_prediction`` (GLUE metrics) and ``fairseq.tasks.audio_classification``
-(EER), import scikit-learn and scipy.stats at module level, about 2.5 s of the 8-11 s a fairseq-train
+(EER), import scikit-learn and scipy.stats at module level, about 3 s of the 8-11 s a fairseq-train
 process spends before its first batch on a 2-core machine (README, "CLI start-up"). Neither is used
 unless those tasks run. While exactly those two modules execute, ``sklearn``, ``sklearn.metrics``,
 ``scipy`` and ``scipy.stats`` are placeholders whose names resolve on first use, so

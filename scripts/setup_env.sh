@@ -33,7 +33,7 @@ if .venv/bin/python -m pip show -q torchaudio >/dev/null 2>&1 && ! .venv/bin/pyt
 fi
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 # Every Python start in .venv defers the scikit-learn and scipy imports of two fairseq modules that only
-# GLUE and audio tasks use: about 2.5 s off each fairseq CLI's start-up (fairseq_distill_startup.py).
+# GLUE and audio tasks use: about 3 s off each fairseq CLI's start-up on 2 cores (fairseq_distill_startup.py).
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "import fairseq_distill_startup; fairseq_distill_startup.install()" > "$site/fairseq_distill_startup.pth"
 rm -f .venv/.setup-*
