@@ -62,7 +62,7 @@ def get_parser():
     p.add_argument("--max-total-tokens", type=int, default=512, help="prompt + response + EOS")
     p.add_argument("--long-prompts", choices=["truncate", "drop"], default="truncate",
                    help="prompts over --max-prompt-tokens: keep the first tokens (DistiLLM) or drop the row (MiniLLM)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
     return p
 
@@ -94,6 +94,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.max_prompt_tokens < 1 or args.max_total_tokens <= args.max_prompt_tokens:
         raise DistillError("need 0 < --max-prompt-tokens < --max-total-tokens")
+    if args.workers < 1:
+        raise DistillError(f"--workers must be >= 1, got {args.workers}")
     if (args.tokenizer == "hf") != bool(args.hf_tokenizer):
         raise DistillError("--tokenizer hf and --hf-tokenizer DIR go together")
     dest = os.path.abspath(args.destdir)

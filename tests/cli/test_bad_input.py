@@ -151,6 +151,14 @@ def test_bad_jsonl(lines, needle, tmp_path):
     assert sorted(os.listdir(inputs)) == ["train.jsonl"]
 
 
+def test_bad_prepare_options(tmp_path):
+    good = write_jsonl(tmp_path / "train.jsonl", [GOOD] * 4)
+    dest = tmp_path / "out" / "bin"
+    proc = run([cli("distill-prepare"), "--train", good, "--destdir", dest, "--workers", "0"], check=False)
+    assert_one_line_error(proc, "--workers must be >= 1, got 0")
+    assert not (tmp_path / "out").exists(), "half-written --destdir"
+
+
 @pytest.mark.parametrize(
     "row, needle",
     [
