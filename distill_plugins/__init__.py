@@ -8,7 +8,10 @@ import logging
 # fairseq's text_to_speech task logs "Please install tensorboardX" when first imported; nothing here needs it.
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-from . import compat  # noqa: E402
+from . import compat, fairseq_console  # noqa: E402
+
+fairseq_console.restore_log_format()
+fairseq_console.silence_dependency_notices()
 
 compat.apply()
 

@@ -318,6 +318,7 @@ class InstructionDistillationTask(FairseqTask):
         if constraints is not None:
             raise NotImplementedError("constrained decoding is not supported by instruction_distillation")
         prompts, lengths = prompt_batch(sample, self.dictionary.pad())
+        self._warn_prompts_at_length_limit(generator, prompts, lengths)
         sample["net_input"] = {"src_tokens": prompts, "src_lengths": lengths}
         with torch.no_grad():
             hypos = generator.generate(models, sample, prefix_tokens=prompts, bos_token=self.dictionary.eos())
@@ -329,6 +330,18 @@ class InstructionDistillationTask(FairseqTask):
                 if h.get("attention") is not None and h["attention"].numel() > 0:
                     h["attention"] = h["attention"][..., n:]
         return hypos
+
+    def _warn_prompts_at_length_limit(self, generator, prompts, lengths):
+        """Once per run: prompts that already fill --max-len-b (the total length) get empty responses."""
+        if getattr(self, "_warned_length_limit", False) or not hasattr(generator, "max_len_b"):
+            return
+        limit = int(getattr(generator, "max_len_a", 0) * prompts.size(1) + generator.max_len_b)
+        full = int((lengths >= limit).sum())
+        if full:
+            self._warned_length_limit = True
+            logger.warning(f"{full} of {len(lengths)} prompts in this batch are {limit} tokens or longer, so their "
+                           f"responses are empty: --max-len-b {generator.max_len_b} is the total length, prompt "
+                           f"included (the MiniLLM protocol uses 511)")
 
     # -- Rouge-L validation (--eval-rouge) -------------------------------------------------------
     def build_model(self, cfg, from_checkpoint=False):

@@ -46,10 +46,12 @@ def test_generate_then_score(data_bin, teacher_ckpt, tmp_path):
     out = tmp_path / "gen"
     run([cli("fairseq-generate"), data_bin, "--user-dir", USER_DIR, "--task", "instruction_distillation",
          "--path", teacher_ckpt, "--gen-subset", "test", "--sampling", "--beam", "1", "--sampling-topk", "-1",
-         "--no-repeat-ngram-size", "6", "--max-len-b", "64", "--batch-size", "5", "--seed", "10", "--cpu",
+         "--no-repeat-ngram-size", "6", "--max-len-b", "160", "--batch-size", "5", "--seed", "10", "--cpu",
          "--results-path", out])
     text = (out / "generate-test.txt").read_text()
     assert text.count("\nH-") + text.startswith("H-") == 16  # every test prompt, none dropped
+    hypotheses = [line.split("\t") for line in text.splitlines() if line.startswith("H-")]
+    assert any(h[2].strip() for h in hypotheses)  # --max-len-b counts the prompt (~80 tokens): room is left
     # S- is the prompt, H- only the response
     first_source = text.split("S-")[1].split("\n")[0].split("\t", 1)[1]
     decoded = first_source.replace(" ", "").replace("\u2581", " ")
