@@ -1,6 +1,7 @@
 """fairseq CLIs print fairseq-formatted logs without its dependencies' deprecation notices
 (distill_plugins/fairseq_console.py), through the real fairseq-generate, and only those notices go."""
 import logging
+import sys
 import warnings
 
 from conftest import USER_DIR, cli, run
@@ -41,8 +42,6 @@ def test_users_own_warning_filters_are_left_alone(monkeypatch):
 
 
 def test_log_format_is_restored_only_for_the_wav2vec_basic_config(monkeypatch):
-    import sys
-
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     monkeypatch.setitem(sys.modules, "fairseq.models.wav2vec.wav2vec2_classification", object())

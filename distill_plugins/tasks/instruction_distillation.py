@@ -135,6 +135,7 @@ class InstructionDistillationTask(FairseqTask):
               f"--lm-batch-size must be >= 1, got {cfg.lm_batch_size}")
         self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
         self.restored_state: Optional[dict] = None  # the resumed checkpoint's task state, read at the first step
+        self._warned_length_limit = False  # prompts that fill --max-len-b: warned once (inference_step)
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -333,7 +334,7 @@ class InstructionDistillationTask(FairseqTask):
 
     def _warn_prompts_at_length_limit(self, generator, prompts, lengths):
         """Once per run: prompts that already fill --max-len-b (the total length) get empty responses."""
-        if getattr(self, "_warned_length_limit", False) or not hasattr(generator, "max_len_b"):
+        if self._warned_length_limit or not hasattr(generator, "max_len_b"):
             return
         limit = int(getattr(generator, "max_len_a", 0) * prompts.size(1) + generator.max_len_b)
         full = int((lengths >= limit).sum())
