@@ -31,6 +31,7 @@ setup(
             "distill-train=distill_plugins.cli.train:main",
             "distill-launch=distill_plugins.cli.launch:main",
             "distill-cache-teacher=distill_plugins.cli.cache_teacher:main",
+            "distill-miniplm=distill_plugins.cli.miniplm:main",
         ]
     },
 )

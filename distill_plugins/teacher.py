@@ -43,6 +43,7 @@ class Teacher:
         self._run = self.model  # the callable of the forward: the model, or its torch.compile wrapper
         self.path, self.sha256 = path, sha256
         self.sharded = False  # parameters split over the workers (--teacher-sharding fsdp)
+        self.trained_length = None  # --tokens-per-sample of its training, where the checkpoint says
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device) if device not in (None, "auto") else None
         self.model.to(dtype=self.dtype)
@@ -68,23 +69,26 @@ class Teacher:
         self.sharded = is_sharded(self.model)
 
     @classmethod
-    def load(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None) -> "Teacher":
-        """Load a teacher checkpoint for ``task``'s data; refuse a teacher of another vocabulary."""
+    def load(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None,
+             role: str = "teacher") -> "Teacher":
+        """Load a teacher checkpoint for ``task``'s data; refuse a teacher of another vocabulary.
+        ``role`` names the model in messages (another frozen model, e.g. MiniPLM's reference LM)."""
         if os.path.isdir(path):
-            return cls.load_hf_dir(path, task, dtype=dtype, device=device)
+            return cls.load_hf_dir(path, task, dtype=dtype, device=device, role=role)
+        hint = "--teacher-path" if role == "teacher" else "its path"
         if not os.path.isfile(path):
-            raise DistillError(f"teacher checkpoint {path} does not exist; check --teacher-path")
+            raise DistillError(f"{role} checkpoint {path} does not exist; check {hint}")
         if not os.access(path, os.R_OK):
-            raise DistillError(f"teacher checkpoint {path} is not readable; check its permissions")
+            raise DistillError(f"{role} checkpoint {path} is not readable; check its permissions")
         try:
             state = checkpoint_utils.load_checkpoint_to_cpu(path)
         except Exception as e:  # a truncated or foreign file: say so in one line
             raise DistillError(
-                f"teacher checkpoint {path} could not be loaded ({brief(e)}); it is truncated or not a "
-                "fairseq checkpoint: check --teacher-path"
+                f"{role} checkpoint {path} could not be loaded ({brief(e)}); it is truncated or not a "
+                f"fairseq checkpoint: check {hint}"
             ) from None
         if "model" not in state or "cfg" not in state:
-            raise DistillError(f"{path} is not a fairseq checkpoint (no 'model'/'cfg'); check --teacher-path")
+            raise DistillError(f"{role} {path} is not a fairseq checkpoint (no 'model'/'cfg'); check {hint}")
         student = dictionary_fingerprint(task.target_dictionary)
         recorded = (state.get("task_state") or {}).get("dictionary")
         if recorded is None:  # a checkpoint of another task: compare the embedding table's rows
@@ -95,27 +99,29 @@ class Teacher:
         ):
             same_size = " but other symbols" if recorded["size"] == student["size"] else ""
             raise DistillError(
-                f"teacher dictionary (size {recorded['size']}) differs from the student's (size "
+                f"{role} dictionary (size {recorded['size']}) differs from the student's (size "
                 f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary"
             )
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
         models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
         teacher = cls(models[0], path=os.path.abspath(path), sha256=sha256_file(path), dtype=dtype, device=device)
+        teacher.trained_length = (state["cfg"].get("task") or {}).get("tokens_per_sample")
         n = sum(p.numel() for p in teacher.model.parameters())
-        logger.info(f"teacher {path}: {n:,} parameters, {dtype}, sha256 {teacher.sha256[:12]}")
+        logger.info(f"{role} {path}: {n:,} parameters, {dtype}, sha256 {teacher.sha256[:12]}")
         return teacher
 
     @classmethod
-    def load_hf_dir(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None) -> "Teacher":
+    def load_hf_dir(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None,
+                    role: str = "teacher") -> "Teacher":
         """A Hugging Face checkpoint directory as the teacher (``hf_causal_lm``: GPT-2 converted to
         native fairseq, other families wrapped); its tokenizer must be the data's, token for token."""
         from .hf.checkpoint_dir import sha256_dir
         from .models.hf_causal_lm import build_from_hf_dir
 
-        model = build_from_hf_dir(path, task, role="teacher")
+        model = build_from_hf_dir(path, task, role=role)
         teacher = cls(model, path=os.path.abspath(path), sha256=sha256_dir(path), dtype=dtype, device=device)
         n = sum(p.numel() for p in teacher.model.parameters())
-        logger.info(f"teacher {path} (Hugging Face, {model.backend}): {n:,} parameters, {dtype}")
+        logger.info(f"{role} {path} (Hugging Face, {model.backend}): {n:,} parameters, {dtype}")
         return teacher
 
     def record(self) -> dict:

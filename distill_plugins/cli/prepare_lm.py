@@ -1,12 +1,14 @@
 """Plain text -> binarized language-modelling data with a prepared data directory's tokenizer and
-dictionary (for MiniLLM's ``--lm-data``, the pre-training term on e.g. OpenWebText).
+dictionary (MiniLLM's and DistiLLM's ``--lm-data``, MiniPLM's pre-training corpus, and
+``fairseq-train --task language_modeling``).
 
-    python -m distill_plugins.cli.prepare_lm --data data-bin/dolly --train corpus.txt --destdir data-bin/lm
+    python -m distill_plugins.cli.prepare_lm --data data-bin/dolly --train corpus.txt [--valid dev.txt] \
+        --destdir data-bin/lm
 
-Each non-empty line of ``--train`` is one document, tokenized with DATA's tokenizer and followed by
+Each non-empty line of a text file is one document, tokenized with DATA's tokenizer and followed by
 EOS; the output is what ``fairseq-preprocess --only-source --srcdict DATA/dict.src.txt`` writes
-(``train.{bin,idx}``, mmap format, and ``dict.txt``), binarized here directly. The destination
-appears only when everything succeeded.
+(``train.{bin,idx}``, ``valid.{bin,idx}`` with --valid, mmap format, and ``dict.txt``), binarized
+here directly. The destination appears only when everything succeeded.
 """
 import argparse
 import os
@@ -19,40 +21,50 @@ from ..errors import DistillError
 from ..staged_directory import staged_directory
 
 
+def binarize_text(text_file: str, tok, dictionary: Dictionary, prefix: str, flag: str):
+    """One document per non-empty line of ``text_file`` -> ``prefix.{bin,idx}``; (documents, tokens, unk)."""
+    builder = indexed_dataset.make_builder(prefix + ".bin", impl="mmap", vocab_size=len(dictionary))
+    n, ntok, nunk = 0, 0, 0
+    with open(text_file, encoding="utf-8") as fin:
+        for line in fin:
+            if not line.strip():
+                continue
+            ids = dictionary.encode_line(" ".join(tok.encode(line.strip())), add_if_not_exist=False,
+                                         append_eos=True).long()
+            builder.add_item(ids)
+            n, ntok, nunk = n + 1, ntok + len(ids), nunk + int((ids == dictionary.unk()).sum())
+    if n == 0:
+        raise DistillError(f"{flag} {text_file} has no non-empty line")
+    builder.finalize(prefix + ".idx")
+    return n, ntok, nunk
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m distill_plugins.cli.prepare_lm", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="data directory made by distill-prepare (tokenizer, dictionary)")
     p.add_argument("--train", required=True, help="text file, one document per line")
+    p.add_argument("--valid", help="text file of the validation documents (optional)")
     p.add_argument("--destdir", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
     args = p.parse_args(argv)
     dict_file = os.path.join(args.data, "dict.src.txt")
     if not os.path.isfile(dict_file):
         raise DistillError(f"{args.data} has no dict.src.txt; pass a directory made by distill-prepare")
-    if not os.path.isfile(args.train):
-        raise DistillError(f"--train {args.train} does not exist")
+    splits = {"train": args.train, **({"valid": args.valid} if args.valid else {})}
+    for split, path in splits.items():
+        if not os.path.isfile(path):
+            raise DistillError(f"--{split} {path} does not exist")
     dest = os.path.abspath(args.destdir)
     if os.path.exists(dest) and not args.overwrite:
         raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
     tok = load_tokenizer(args.data)
+    dictionary = Dictionary.load(dict_file)
     with staged_directory(dest, prefix=".prepare-lm-") as (_, out):
-        dictionary = Dictionary.load(dict_file)
-        builder = indexed_dataset.make_builder(os.path.join(out, "train.bin"), impl="mmap",
-                                               vocab_size=len(dictionary))
-        n, ntok, nunk = 0, 0, 0
-        with open(args.train, encoding="utf-8") as fin:
-            for line in fin:
-                if not line.strip():
-                    continue
-                ids = dictionary.encode_line(" ".join(tok.encode(line.strip())), add_if_not_exist=False,
-                                             append_eos=True).long()
-                builder.add_item(ids)
-                n, ntok, nunk = n + 1, ntok + len(ids), nunk + int((ids == dictionary.unk()).sum())
-        if n == 0:
-            raise DistillError(f"--train {args.train} has no non-empty line")
-        builder.finalize(os.path.join(out, "train.idx"))
+        counts = {split: binarize_text(path, tok, dictionary, os.path.join(out, split), f"--{split}")
+                  for split, path in splits.items()}
         shutil.copyfile(dict_file, os.path.join(out, "dict.txt"))
-    print(f"| wrote {n} documents, {ntok} tokens ({nunk} <unk>) to {dest}", flush=True)
+    for split, (n, ntok, nunk) in counts.items():
+        print(f"| {split}: wrote {n} documents, {ntok} tokens ({nunk} <unk>) to {dest}", flush=True)
 
 
 if __name__ == "__main__":

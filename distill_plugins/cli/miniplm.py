@@ -1,0 +1,197 @@
+"""distill-miniplm: MiniPLM's difference sampling, a pre-training corpus refined by a teacher and a
+small reference LM (``distill_plugins/difference_sampling.py``; spec ``methods.md`` section 8).
+
+    python -m distill_plugins.cli.prepare_lm --data data-bin/dolly --train corpus.txt --valid dev.txt \
+        --destdir data-bin/corpus
+    distill-miniplm --data data-bin/dolly --corpus data-bin/corpus --teacher T.pt --reference R.pt \
+        --destdir data-bin/corpus-miniplm [--keep-fraction 0.5]
+    fairseq-train data-bin/corpus-miniplm --user-dir distill_plugins --task language_modeling ...
+
+Both models score every document of ``--split`` once (``--dtype``, inference mode, batched by
+``--max-tokens``); the top ``--keep-fraction`` by difference score are written, in corpus order, as
+the refined split, beside the corpus's other splits (copied unchanged), its dictionary,
+``scores.tsv`` (every document's log-likelihoods, score and whether it was kept) and
+``miniplm.json``. ``--text`` also writes the kept documents as text, for re-tokenizing them for a
+student of another family. The output directory appears whole or not at all.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, select_top
+from ..errors import DistillError, check
+from ..staged_directory import staged_directory
+from ..teacher import Teacher, dictionary_fingerprint
+
+logger = logging.getLogger("distill_plugins.miniplm")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="distill-miniplm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="data directory made by distill-prepare (tokenizer and "
+                                                 "dictionary of both models and the corpus)")
+    p.add_argument("--corpus", required=True, help="binarized corpus (python -m distill_plugins.cli.prepare_lm): "
+                                                   "SPLIT.{bin,idx} and dict.txt")
+    p.add_argument("--teacher", required=True, help="fairseq checkpoint or Hugging Face directory of the teacher LM")
+    p.add_argument("--reference", required=True, help="the small reference LM (MiniPLM: trained on a random part "
+                                                      "of the same corpus)")
+    p.add_argument("--destdir", required=True, help="refined corpus to write")
+    p.add_argument("--keep-fraction", type=float, default=0.5, help="fraction of the documents kept (MiniPLM's "
+                                                                    "alpha; default 0.5)")
+    p.add_argument("--score", choices=SCORES, default="difference",
+                   help="difference: [log p(x) - log p_ref(x)] / |x| (MiniPLM's code); ratio: log p(x) / log "
+                        "p_ref(x) (the formula as written; see difference_sampling.py)")
+    p.add_argument("--split", default="train", help="the split to refine (the others are copied)")
+    p.add_argument("--text", help="the text file --split was binarized from (one document per non-empty line): "
+                                  "also write the kept documents as SPLIT.txt")
+    p.add_argument("--window", type=int, default=0, help="tokens per forward; longer documents are scored in "
+                                                         "windows (default: the models' maximum positions)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
+    p.add_argument("--chunk-size", type=int, default=1024, help="label tokens projected to the vocabulary at a time")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of both models")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
+    return p
+
+
+def load_corpus(corpus: str, split: str, dictionary):
+    """The documents of ``corpus/split`` as token tensors; one-line errors for a wrong corpus."""
+    from fairseq.data import Dictionary, data_utils
+
+    dict_file = os.path.join(corpus, "dict.txt")
+    if not os.path.isfile(os.path.join(corpus, f"{split}.bin")):
+        raise DistillError(f"--corpus {corpus} has no {split}.bin; binarize it with python -m "
+                           "distill_plugins.cli.prepare_lm --data DATA --train TEXT --destdir CORPUS")
+    if not os.path.isfile(dict_file) or dictionary_fingerprint(Dictionary.load(dict_file)) != dictionary_fingerprint(dictionary):
+        raise DistillError(f"--corpus {corpus}: its dict.txt is missing or differs from --data's dictionary; "
+                           "binarize the corpus with the same --data")
+    dataset = data_utils.load_indexed_dataset(os.path.join(corpus, split), dictionary)
+    check(dataset is not None and len(dataset) > 0, f"--corpus {corpus}: the {split} split is empty")
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def read_documents(text_file: str, expected: int):
+    if not os.path.isfile(text_file):
+        raise DistillError(f"--text {text_file} does not exist")
+    with open(text_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    check(len(lines) == expected, f"--text {text_file} has {len(lines)} non-empty lines but the corpus split has "
+                                  f"{expected} documents; pass the file the split was binarized from")
+    return lines
+
+
+def max_positions(model) -> int:
+    limit = model.max_positions()
+    return int(limit[0] if isinstance(limit, (tuple, list)) else limit)
+
+
+def score_with(name, model, task, args, device, documents, window):
+    """log p(x) of every document under ``model``, with a progress bar; (log-likelihoods, seconds)."""
+    from tqdm import tqdm
+
+    n_windows = sum(-(-len(d) // window) for d in documents)
+    t0 = time.time()
+    with tqdm(total=n_windows, desc=f"distill-miniplm {name}", unit="window", file=sys.stderr,
+              mininterval=2.0) as bar, torch.inference_mode():
+        logp = document_log_likelihoods(model, documents, task.dictionary.pad(), task.dictionary.eos(), window,
+                                        max_tokens=args.max_tokens, chunk_size=args.chunk_size, device=device,
+                                        progress=bar.update)
+    return logp, time.time() - t0
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
+    check(0.0 < args.keep_fraction <= 1.0, f"--keep-fraction must be in (0, 1], got {args.keep_fraction}")
+    for name in ("max_tokens", "chunk_size"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check(args.window >= 0, f"--window must be >= 1 (or 0: the models' maximum positions), got {args.window}")
+    dest = os.path.abspath(args.destdir)
+    if os.path.exists(dest) and not args.overwrite:
+        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+    check(os.path.abspath(args.corpus) != dest, "--destdir must differ from --corpus")
+    for flag, path in (("--teacher", args.teacher), ("--reference", args.reference)):
+        check(os.path.exists(path), f"{flag} {path} does not exist")
+    if os.path.abspath(args.teacher) == os.path.abspath(args.reference):
+        logger.warning("--teacher and --reference are the same model: every difference score is 0")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
+
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=args.data))
+    documents = load_corpus(args.corpus, args.split, task.dictionary)
+    texts = read_documents(args.text, len(documents)) if args.text else None
+    lengths = torch.tensor([len(d) for d in documents])
+    n_keep = int(args.keep_fraction * len(documents))
+    check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(documents)}; raise it")
+
+    models = {name: Teacher.load(path, task, dtype=args.dtype, device=str(device), role=name)
+              for name, path in (("teacher", args.teacher), ("reference", args.reference))}
+    # Default: the shortest length either model was trained on (or, not recorded, can take).
+    window = args.window or min(m.trained_length or max_positions(m.model) for m in models.values())
+    window = min(window, *(max_positions(m.model) for m in models.values()))
+    check(window <= args.max_tokens, f"--max-tokens {args.max_tokens} is below the window of {window} tokens; "
+                                     f"raise it or pass --window {args.max_tokens}")
+    print(f"| {args.split}: {len(documents):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
+          f"({args.keep_fraction:g}) by {args.score} score; scored in windows of {window} tokens", flush=True)
+    scored = {}
+    for name, model in models.items():
+        logp, seconds = score_with(name, model, task, args, device, documents, window)
+        scored[name] = (model, logp, seconds)
+        print(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / lengths.sum()):.4f} nats/token, "
+              f"{seconds:.1f}s ({float(lengths.sum()) / max(seconds, 1e-9):,.0f} tokens/s)", flush=True)
+    teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
+    scores = difference_scores(teacher_logp, reference_logp, lengths, args.score)
+    kept = select_top(scores, args.keep_fraction)
+    is_kept = torch.zeros(len(documents), dtype=torch.bool)
+    is_kept[kept] = True
+
+    from fairseq.data import indexed_dataset
+
+    with staged_directory(dest, prefix=".miniplm-") as (_work, out):
+        builder = indexed_dataset.make_builder(os.path.join(out, f"{args.split}.bin"), impl="mmap",
+                                               vocab_size=len(task.dictionary))
+        for i in kept.tolist():
+            builder.add_item(documents[i])
+        builder.finalize(os.path.join(out, f"{args.split}.idx"))
+        for f in sorted(os.listdir(args.corpus)):  # the other splits and the dictionary, unchanged
+            if f.endswith((".bin", ".idx")) and not f.startswith(f"{args.split}.") or f == "dict.txt":
+                shutil.copyfile(os.path.join(args.corpus, f), os.path.join(out, f))
+        with open(os.path.join(out, "scores.tsv"), "w") as f:
+            f.write("index\ttokens\tteacher_logprob\treference_logprob\tscore\tkept\n")
+            for i in range(len(documents)):
+                f.write(f"{i}\t{int(lengths[i])}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
+                        f"{float(scores[i]):.8g}\t{int(is_kept[i])}\n")
+        if texts is not None:
+            with open(os.path.join(out, f"{args.split}.txt"), "w", encoding="utf-8") as f:
+                f.writelines(texts[i] + "\n" for i in kept.tolist())
+        record = {
+            "method": "MiniPLM difference sampling", "score": args.score, "keep_fraction": args.keep_fraction,
+            "split": args.split, "corpus": os.path.abspath(args.corpus), "window": window, "dtype": args.dtype,
+            "teacher": scored["teacher"][0].record(), "reference": scored["reference"][0].record(),
+            "documents": len(documents), "tokens": int(lengths.sum()),
+            "kept_documents": int(kept.numel()), "kept_tokens": int(lengths[kept].sum()),
+            "seconds": {name: round(v[2], 2) for name, v in scored.items()},
+        }
+        with open(os.path.join(out, "miniplm.json"), "w") as f:
+            json.dump(record, f, indent=2)
+    k_tokens = int(lengths[kept].sum())
+
+    def per_token(logp, idx):
+        return float(logp[idx].sum() / lengths[idx].sum())
+
+    print(f"| kept {kept.numel():,} documents, {k_tokens:,} tokens ({k_tokens / float(lengths.sum()):.1%}); "
+          f"per token, teacher {per_token(teacher_logp, kept):.4f} and reference {per_token(reference_logp, kept):.4f} "
+          f"nats on the kept documents: {dest}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
