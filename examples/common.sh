@@ -29,13 +29,14 @@ if [ ! -f "$DATA/dict.src.txt" ]; then
     --test examples/dolly/data/test.jsonl --destdir "$DATA" --vocab-size 4000 --overwrite
 fi
 TEACHER=$CK/teacher/checkpoint_best.pt
-if [ ! -f "$TEACHER" ]; then
+INIT=$CK/student_sft/checkpoint_best.pt
+# COMMON_MODELS=0: a recipe that trains its own models (examples/miniplm) skips the teacher and the init.
+if [ "${COMMON_MODELS:-1}" = 1 ] && [ ! -f "$TEACHER" ]; then
   step "teacher: kd_gpt2_mini, supervised fine-tuning, $TEACHER_UPDATES updates"
   "${TRAIN[@]}" --arch kd_gpt2_mini --criterion cross_entropy --max-update "$TEACHER_UPDATES" \
     --save-dir "$CK/teacher" 2>&1 | show
 fi
-INIT=$CK/student_sft/checkpoint_best.pt
-if [ ! -f "$INIT" ]; then
+if [ "${COMMON_MODELS:-1}" = 1 ] && [ ! -f "$INIT" ]; then
   step "student init: kd_gpt2_tiny, supervised fine-tuning, $INIT_UPDATES updates"
   "${TRAIN[@]}" --arch kd_gpt2_tiny --criterion cross_entropy --max-update "$INIT_UPDATES" \
     --save-dir "$CK/student_sft" 2>&1 | show

@@ -60,8 +60,11 @@ def get_parser():
     return p
 
 
+BLOCK_DOCUMENTS = 16384  # documents read from the mmap corpus and scored at a time (memory stays flat)
+
+
 def load_corpus(corpus: str, split: str, dictionary):
-    """The documents of ``corpus/split`` as token tensors; one-line errors for a wrong corpus."""
+    """``corpus/split`` as fairseq's (memory-mapped) dataset; one-line errors for a wrong corpus."""
     from fairseq.data import Dictionary, data_utils
 
     dict_file = os.path.join(corpus, "dict.txt")
@@ -73,17 +76,21 @@ def load_corpus(corpus: str, split: str, dictionary):
                            "binarize the corpus with the same --data")
     dataset = data_utils.load_indexed_dataset(os.path.join(corpus, split), dictionary)
     check(dataset is not None and len(dataset) > 0, f"--corpus {corpus}: the {split} split is empty")
-    return [dataset[i] for i in range(len(dataset))]
+    return dataset
 
 
-def read_documents(text_file: str, expected: int):
+def text_documents(text_file: str):
+    """The documents of a prepare_lm text file: its non-empty lines, stripped, streamed."""
+    with open(text_file, encoding="utf-8") as f:
+        yield from (line.strip() for line in f if line.strip())
+
+
+def check_text(text_file: str, expected: int):
     if not os.path.isfile(text_file):
         raise DistillError(f"--text {text_file} does not exist")
-    with open(text_file, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    check(len(lines) == expected, f"--text {text_file} has {len(lines)} non-empty lines but the corpus split has "
-                                  f"{expected} documents; pass the file the split was binarized from")
-    return lines
+    n = sum(1 for _ in text_documents(text_file))
+    check(n == expected, f"--text {text_file} has {n} non-empty lines but the corpus split has "
+                         f"{expected} documents; pass the file the split was binarized from")
 
 
 def max_positions(model) -> int:
@@ -91,17 +98,21 @@ def max_positions(model) -> int:
     return int(limit[0] if isinstance(limit, (tuple, list)) else limit)
 
 
-def score_with(name, model, task, args, device, documents, window):
-    """log p(x) of every document under ``model``, with a progress bar; (log-likelihoods, seconds)."""
+def score_with(name, model, task, args, device, dataset, lengths, window):
+    """log p(x) of every document under ``model``, ``BLOCK_DOCUMENTS`` at a time, with a progress bar;
+    (log-likelihoods, seconds)."""
     from tqdm import tqdm
 
-    n_windows = sum(-(-len(d) // window) for d in documents)
+    n = len(lengths)
+    logp = torch.empty(n, dtype=torch.float64)
     t0 = time.time()
-    with tqdm(total=n_windows, desc=f"distill-miniplm {name}", unit="window", file=sys.stderr,
-              mininterval=2.0) as bar, torch.inference_mode():
-        logp = document_log_likelihoods(model, documents, task.dictionary.pad(), task.dictionary.eos(), window,
-                                        max_tokens=args.max_tokens, chunk_size=args.chunk_size, device=device,
-                                        progress=bar.update)
+    with tqdm(total=int((-(-lengths // window)).sum()), desc=f"distill-miniplm {name}", unit="window",
+              file=sys.stderr, mininterval=2.0) as bar, torch.inference_mode():
+        for start in range(0, n, BLOCK_DOCUMENTS):
+            end = min(start + BLOCK_DOCUMENTS, n)
+            logp[start:end] = document_log_likelihoods(
+                model, [dataset[i] for i in range(start, end)], task.dictionary.pad(), task.dictionary.eos(),
+                window, max_tokens=args.max_tokens, chunk_size=args.chunk_size, device=device, progress=bar.update)
     return logp, time.time() - t0
 
 
@@ -127,11 +138,12 @@ def main(argv=None):
     from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 
     task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=args.data))
-    documents = load_corpus(args.corpus, args.split, task.dictionary)
-    texts = read_documents(args.text, len(documents)) if args.text else None
-    lengths = torch.tensor([len(d) for d in documents])
-    n_keep = int(args.keep_fraction * len(documents))
-    check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(documents)}; raise it")
+    dataset = load_corpus(args.corpus, args.split, task.dictionary)
+    lengths = torch.from_numpy(dataset.sizes.astype("int64"))
+    if args.text:
+        check_text(args.text, len(dataset))
+    n_keep = int(args.keep_fraction * len(dataset))
+    check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(dataset)}; raise it")
 
     models = {name: Teacher.load(path, task, dtype=args.dtype, device=str(device), role=name)
               for name, path in (("teacher", args.teacher), ("reference", args.reference))}
@@ -140,18 +152,18 @@ def main(argv=None):
     window = min(window, *(max_positions(m.model) for m in models.values()))
     check(window <= args.max_tokens, f"--max-tokens {args.max_tokens} is below the window of {window} tokens; "
                                      f"raise it or pass --window {args.max_tokens}")
-    print(f"| {args.split}: {len(documents):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
+    print(f"| {args.split}: {len(dataset):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
           f"({args.keep_fraction:g}) by {args.score} score; scored in windows of {window} tokens", flush=True)
     scored = {}
     for name, model in models.items():
-        logp, seconds = score_with(name, model, task, args, device, documents, window)
+        logp, seconds = score_with(name, model, task, args, device, dataset, lengths, window)
         scored[name] = (model, logp, seconds)
         print(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / lengths.sum()):.4f} nats/token, "
               f"{seconds:.1f}s ({float(lengths.sum()) / max(seconds, 1e-9):,.0f} tokens/s)", flush=True)
     teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
     scores = difference_scores(teacher_logp, reference_logp, lengths, args.score)
     kept = select_top(scores, args.keep_fraction)
-    is_kept = torch.zeros(len(documents), dtype=torch.bool)
+    is_kept = torch.zeros(len(dataset), dtype=torch.bool)
     is_kept[kept] = True
 
     from fairseq.data import indexed_dataset
@@ -160,24 +172,25 @@ def main(argv=None):
         builder = indexed_dataset.make_builder(os.path.join(out, f"{args.split}.bin"), impl="mmap",
                                                vocab_size=len(task.dictionary))
         for i in kept.tolist():
-            builder.add_item(documents[i])
+            builder.add_item(dataset[i])
         builder.finalize(os.path.join(out, f"{args.split}.idx"))
         for f in sorted(os.listdir(args.corpus)):  # the other splits and the dictionary, unchanged
             if f.endswith((".bin", ".idx")) and not f.startswith(f"{args.split}.") or f == "dict.txt":
                 shutil.copyfile(os.path.join(args.corpus, f), os.path.join(out, f))
         with open(os.path.join(out, "scores.tsv"), "w") as f:
             f.write("index\ttokens\tteacher_logprob\treference_logprob\tscore\tkept\n")
-            for i in range(len(documents)):
+            for i in range(len(dataset)):
                 f.write(f"{i}\t{int(lengths[i])}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
                         f"{float(scores[i]):.8g}\t{int(is_kept[i])}\n")
-        if texts is not None:
+        if args.text:
+            keep = is_kept.tolist()
             with open(os.path.join(out, f"{args.split}.txt"), "w", encoding="utf-8") as f:
-                f.writelines(texts[i] + "\n" for i in kept.tolist())
+                f.writelines(line + "\n" for i, line in enumerate(text_documents(args.text)) if keep[i])
         record = {
             "method": "MiniPLM difference sampling", "score": args.score, "keep_fraction": args.keep_fraction,
             "split": args.split, "corpus": os.path.abspath(args.corpus), "window": window, "dtype": args.dtype,
             "teacher": scored["teacher"][0].record(), "reference": scored["reference"][0].record(),
-            "documents": len(documents), "tokens": int(lengths.sum()),
+            "documents": len(dataset), "tokens": int(lengths.sum()),
             "kept_documents": int(kept.numel()), "kept_tokens": int(lengths[kept].sum()),
             "seconds": {name: round(v[2], 2) for name, v in scored.items()},
         }

@@ -90,13 +90,20 @@ def test_refines_the_corpus_and_fairseq_trains_on_it(data_bin, teacher_ckpt, cor
     assert "loaded 72 examples" in proc.stdout + proc.stderr and "valid on 'valid' subset" in proc.stdout + proc.stderr
 
 
-def test_ratio_score_keeps_the_highest_ratio(data_bin, teacher_ckpt, corpus, tmp_path):
+def test_ratio_score_keeps_the_highest_ratio(data_bin, teacher_ckpt, corpus, tmp_path, monkeypatch):
     from distill_plugins.cli import miniplm
 
+    args = ["--data", data_bin, "--corpus", corpus["dir"], "--teacher", teacher_ckpt, "--reference",
+            corpus["reference"], "--score", "ratio", "--window", "16"]
+    miniplm.main([*args, "--destdir", str(tmp_path / "ratio")])
+    rows = read_tsv(tmp_path / "ratio" / "scores.tsv")
+    monkeypatch.setattr(miniplm, "BLOCK_DOCUMENTS", 7)  # the corpus read and scored 7 documents at a time
+    miniplm.main([*args, "--destdir", str(tmp_path / "blocks"), "--max-tokens", "100"])
+    for a, b in zip(rows, read_tsv(tmp_path / "blocks" / "scores.tsv"), strict=True):
+        assert a["kept"] == b["kept"] and float(a["score"]) == pytest.approx(float(b["score"]), rel=1e-5)
+        for key in ("teacher_logprob", "reference_logprob"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4)
     out = tmp_path / "ratio"
-    miniplm.main(["--data", data_bin, "--corpus", corpus["dir"], "--teacher", teacher_ckpt, "--reference",
-                  corpus["reference"], "--destdir", str(out), "--score", "ratio", "--window", "16"])
-    rows = read_tsv(out / "scores.tsv")
     ratio = [float(r["teacher_logprob"]) / float(r["reference_logprob"]) for r in rows]
     for r, want in zip(rows, ratio):
         assert float(r["score"]) == pytest.approx(want, rel=1e-5)
