@@ -13,6 +13,10 @@ the refined split, beside the corpus's other splits (copied unchanged), its dict
 ``scores.tsv`` (every document's log-likelihoods, score and whether it was kept) and
 ``miniplm.json``. ``--text`` also writes the kept documents as text, for re-tokenizing them for a
 student of another family. The output directory appears whole or not at all.
+
+Several workers (``torchrun --nproc-per-node N -m distill_plugins.cli.miniplm ...``, on more nodes
+with torchrun's own flags) score blocks of documents in turn, on GPU ``LOCAL_RANK`` each (gloo on CPU),
+and worker 0 writes the same output one process would.
 """
 import argparse
 import json
@@ -98,22 +102,45 @@ def max_positions(model) -> int:
     return int(limit[0] if isinstance(limit, (tuple, list)) else limit)
 
 
-def score_with(name, model, task, args, device, dataset, lengths, window):
-    """log p(x) of every document under ``model``, ``BLOCK_DOCUMENTS`` at a time, with a progress bar;
-    (log-likelihoods, seconds)."""
+def worker_blocks(n: int, rank: int, world: int):
+    """(start, end) of the document blocks worker ``rank`` of ``world`` scores: block b goes to b mod world,
+    blocks of at most ``BLOCK_DOCUMENTS`` and small enough that every worker gets one."""
+    size = max(1, min(BLOCK_DOCUMENTS, -(-n // world)))
+    return [(s, min(s + size, n)) for b, s in enumerate(range(0, n, size)) if b % world == rank]
+
+
+def score_with(name, model, task, args, device, dataset, lengths, window, rank=0, world=1):
+    """log p(x) of every document under ``model`` (this worker's blocks; the others' are summed in
+    from every worker), with a progress bar on worker 0; (log-likelihoods, seconds)."""
     from tqdm import tqdm
 
-    n = len(lengths)
-    logp = torch.empty(n, dtype=torch.float64)
+    logp = torch.zeros(len(lengths), dtype=torch.float64)
+    blocks = worker_blocks(len(lengths), rank, world)
+    windows = sum(int((-(-lengths[s:e] // window)).sum()) for s, e in blocks)
     t0 = time.time()
-    with tqdm(total=int((-(-lengths // window)).sum()), desc=f"distill-miniplm {name}", unit="window",
-              file=sys.stderr, mininterval=2.0) as bar, torch.inference_mode():
-        for start in range(0, n, BLOCK_DOCUMENTS):
-            end = min(start + BLOCK_DOCUMENTS, n)
+    with tqdm(total=windows, desc=f"distill-miniplm {name}", unit="window", file=sys.stderr, mininterval=2.0,
+              disable=rank != 0) as bar, torch.inference_mode():
+        for start, end in blocks:
             logp[start:end] = document_log_likelihoods(
                 model, [dataset[i] for i in range(start, end)], task.dictionary.pad(), task.dictionary.eos(),
                 window, max_tokens=args.max_tokens, chunk_size=args.chunk_size, device=device, progress=bar.update)
+    if world > 1:  # each document was scored by exactly one worker: a sum gathers them
+        total = logp.to(device)
+        torch.distributed.all_reduce(total)
+        logp = total.cpu()
     return logp, time.time() - t0
+
+
+def init_workers(device):
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1), else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
 
 
 def main(argv=None):
@@ -134,6 +161,18 @@ def main(argv=None):
     if os.path.abspath(args.teacher) == os.path.abspath(args.reference):
         logger.warning("--teacher and --reference are the same model: every difference score is 0")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rank, world, device = init_workers(device)
+    try:
+        run(args, dest, device, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, dest, device, rank, world):
+    def say(message):
+        if rank == 0:
+            print(message, flush=True)
 
     from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 
@@ -152,20 +191,28 @@ def main(argv=None):
     window = min(window, *(max_positions(m.model) for m in models.values()))
     check(window <= args.max_tokens, f"--max-tokens {args.max_tokens} is below the window of {window} tokens; "
                                      f"raise it or pass --window {args.max_tokens}")
-    print(f"| {args.split}: {len(dataset):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
-          f"({args.keep_fraction:g}) by {args.score} score; scored in windows of {window} tokens", flush=True)
+    say(f"| {args.split}: {len(dataset):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
+        f"({args.keep_fraction:g}) by {args.score} score; scored in windows of {window} tokens"
+        + (f" by {world} workers" if world > 1 else ""))
     scored = {}
     for name, model in models.items():
-        logp, seconds = score_with(name, model, task, args, device, dataset, lengths, window)
+        logp, seconds = score_with(name, model, task, args, device, dataset, lengths, window, rank, world)
         scored[name] = (model, logp, seconds)
-        print(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / lengths.sum()):.4f} nats/token, "
-              f"{seconds:.1f}s ({float(lengths.sum()) / max(seconds, 1e-9):,.0f} tokens/s)", flush=True)
+        say(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / lengths.sum()):.4f} nats/token, "
+            f"{seconds:.1f}s ({float(lengths.sum()) / max(seconds, 1e-9):,.0f} tokens/s)")
     teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
     scores = difference_scores(teacher_logp, reference_logp, lengths, args.score)
     kept = select_top(scores, args.keep_fraction)
     is_kept = torch.zeros(len(dataset), dtype=torch.bool)
     is_kept[kept] = True
+    if rank == 0:
+        write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, window, world)
+    if world > 1:
+        torch.distributed.barrier()  # the others end once the output is there
 
+
+def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, window, world):
+    teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
     from fairseq.data import indexed_dataset
 
     with staged_directory(dest, prefix=".miniplm-") as (_work, out):
@@ -192,7 +239,7 @@ def main(argv=None):
             "teacher": scored["teacher"][0].record(), "reference": scored["reference"][0].record(),
             "documents": len(dataset), "tokens": int(lengths.sum()),
             "kept_documents": int(kept.numel()), "kept_tokens": int(lengths[kept].sum()),
-            "seconds": {name: round(v[2], 2) for name, v in scored.items()},
+            "seconds": {name: round(v[2], 2) for name, v in scored.items()}, "workers": world,
         }
         with open(os.path.join(out, "miniplm.json"), "w") as f:
             json.dump(record, f, indent=2)

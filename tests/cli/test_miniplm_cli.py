@@ -148,3 +148,32 @@ def test_bad_input_is_one_line_and_writes_nothing(data_bin, teacher_ckpt, corpus
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("fairseq-distill: error:") and "Traceback" not in proc.stderr
     assert "already exists; pass --overwrite" in proc.stderr
+
+
+def test_two_workers_write_what_one_process_writes(data_bin, teacher_ckpt, corpus, tmp_path):
+    """torchrun, 2 gloo workers on CPU: each scores its own blocks; worker 0 writes the same output."""
+    args = ["--data", data_bin, "--corpus", corpus["dir"], "--teacher", teacher_ckpt,
+            "--reference", corpus["reference"], "--text", corpus["text"]]
+    run([cli("distill-miniplm"), *args, "--destdir", tmp_path / "one"])
+    proc = run([cli("torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "distill_plugins.cli.miniplm", *args,
+                "--destdir", tmp_path / "two"])
+    assert "by 2 workers" in proc.stdout and proc.stdout.count("| kept ") == 1  # worker 0 reports and writes
+    one, two = read_tsv(tmp_path / "one" / "scores.tsv"), read_tsv(tmp_path / "two" / "scores.tsv")
+    for a, b in zip(one, two, strict=True):
+        assert a["kept"] == b["kept"] and a["tokens"] == b["tokens"]
+        for key in ("teacher_logprob", "reference_logprob"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4)
+    for f in ("train.bin", "train.idx", "train.txt", "valid.bin"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert json.loads((tmp_path / "two" / "miniplm.json").read_text())["workers"] == 2
+
+
+def test_blocks_are_split_over_the_workers():
+    from distill_plugins.cli import miniplm
+
+    for n, world in ((240, 2), (10, 3), (1, 2), (100_000, 4)):
+        blocks = [miniplm.worker_blocks(n, r, world) for r in range(world)]
+        covered = sorted(i for bs in blocks for s, e in bs for i in range(s, e))
+        assert covered == list(range(n))  # every document exactly once
+        if n >= world:
+            assert all(blocks)  # every worker has work
