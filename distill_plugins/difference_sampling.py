@@ -19,7 +19,6 @@ it) is scored as [EOS] + x -> x in windows of at most ``window`` predicted token
 separate forward from its first input token (as fairseq's LM training cuts a long document into
 blocks); documents no longer than ``window`` are scored whole.
 """
-import logging
 import math
 from typing import Callable, List, Optional, Sequence
 
@@ -27,8 +26,6 @@ import torch
 from torch import Tensor
 
 from .chunked_divergences import teacher_rows
-
-logger = logging.getLogger(__name__)
 
 SCORES = ("difference", "ratio")
 

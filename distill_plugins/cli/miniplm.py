@@ -55,7 +55,8 @@ def get_parser():
     p.add_argument("--text", help="the text file --split was binarized from (one document per non-empty line): "
                                   "also write the kept documents as SPLIT.txt")
     p.add_argument("--window", type=int, default=0, help="tokens per forward; longer documents are scored in "
-                                                         "windows (default: the models' maximum positions)")
+                                                         "windows (default: the shortest --tokens-per-sample "
+                                                         "either model was trained on)")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
     p.add_argument("--chunk-size", type=int, default=1024, help="label tokens projected to the vocabulary at a time")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of both models")
@@ -151,7 +152,7 @@ def main(argv=None):
     check(0.0 < args.keep_fraction <= 1.0, f"--keep-fraction must be in (0, 1], got {args.keep_fraction}")
     for name in ("max_tokens", "chunk_size"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check(args.window >= 0, f"--window must be >= 1 (or 0: the models' maximum positions), got {args.window}")
+    check(args.window >= 0, f"--window must be >= 1 (or 0: the models' training length), got {args.window}")
     dest = os.path.abspath(args.destdir)
     if os.path.exists(dest) and not args.overwrite:
         raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
@@ -212,8 +213,10 @@ def run(args, dest, device, rank, world):
 
 
 def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, window, world):
-    teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
     from fairseq.data import indexed_dataset
+
+    teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
+    k_tokens = int(lengths[kept].sum())
 
     with staged_directory(dest, prefix=".miniplm-") as (_work, out):
         builder = indexed_dataset.make_builder(os.path.join(out, f"{args.split}.bin"), impl="mmap",
@@ -238,12 +241,11 @@ def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, win
             "split": args.split, "corpus": os.path.abspath(args.corpus), "window": window, "dtype": args.dtype,
             "teacher": scored["teacher"][0].record(), "reference": scored["reference"][0].record(),
             "documents": len(dataset), "tokens": int(lengths.sum()),
-            "kept_documents": int(kept.numel()), "kept_tokens": int(lengths[kept].sum()),
+            "kept_documents": int(kept.numel()), "kept_tokens": k_tokens,
             "seconds": {name: round(v[2], 2) for name, v in scored.items()}, "workers": world,
         }
         with open(os.path.join(out, "miniplm.json"), "w") as f:
             json.dump(record, f, indent=2)
-    k_tokens = int(lengths[kept].sum())
 
     def per_token(logp, idx):
         return float(logp[idx].sum() / lengths[idx].sum())
