@@ -33,6 +33,7 @@ __all__ = [
     "js_divergence",
     "total_variation",
     "adaptive_kl",
+    "universal_logit_distance",
     "DIVERGENCES",
     "get_divergence",
 ]
@@ -152,6 +153,34 @@ def adaptive_kl(
         g_head = gap.sum(-1) - g_tail
         total = (g_head + g_tail).clamp_min(torch.finfo(torch.float32).tiny)
     return g_head / total * fkl + g_tail / total * rkl
+
+
+def universal_logit_distance(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """ULD (Boizard et al. 2024, "Towards cross-tokenizer distillation"), DSKD's form: sum_k |q_(k) - p_(k)|,
+    the L1 distance between the student's and the teacher's probabilities each sorted in descending
+    order, the smaller vocabulary padded with zeros. The two vocabularies may differ in size
+    (``[..., Vs]`` and ``[..., Vt]``); no 1/2 factor. An infinite logit has probability 0 (sorted last).
+    DSKD passes its KD temperature but never applies it; T = 1 reproduces it."""
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in their positions"
+        )
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    probs = []
+    for logits in (student_logits, teacher_logits):
+        x = logits.to(dtype)
+        if temperature != 1.0:
+            x = x / temperature
+        x = x.masked_fill(x == float("inf"), float("-inf"))
+        probs.append(torch.softmax(x, dim=-1).sort(dim=-1, descending=True).values)
+    q, p = probs
+    width = max(q.size(-1), p.size(-1))
+    q = torch.nn.functional.pad(q, (0, width - q.size(-1)))
+    p = torch.nn.functional.pad(p, (0, width - p.size(-1)))
+    return (q - p).abs().sum(-1)
 
 
 DIVERGENCES: Dict[str, Callable[..., Tensor]] = {

@@ -9,6 +9,12 @@ dictionary. Prompts longer than ``--max-prompt-tokens`` are truncated (DistiLLM,
 (MiniLLM) by ``--long-prompts``; responses are cut so prompt + response + EOS fits in
 ``--max-total-tokens``. Counts go to ``prepare_report.json``. The destination appears only when
 everything succeeded (built in a temporary directory, then renamed).
+
+Cross-tokenizer KD (ULD, MinED: ``--criterion uld|min_ed``): ``--teacher-spm-model`` or
+``--teacher-hf-tokenizer`` also writes ``DESTDIR/teacher``, the same rows in the same order in the
+teacher's tokenization (a data directory of its own: train the teacher on it, pass it to the
+student's fairseq-train as ``--teacher-data``), with ``alignment.json`` (both vocabularies as token
+strings and the teacher -> student token mapping by least edit distance, ``token_alignment.py``).
 """
 import argparse
 import json
@@ -20,8 +26,10 @@ from ..data.instruction_jsonl import read_instruction_jsonl, references, render_
 from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
 from ..errors import DistillError
 from ..staged_directory import staged_directory
+from ..token_alignment import ALIGNMENT_FILE, dictionary_token_strings, normalize_token, vocabulary_mapping
 
 SPLITS = ("train", "valid", "test")
+TEACHER_SUBDIR = "teacher"  # cross-tokenizer KD: the teacher's tokenization of the same rows
 
 
 def binarize(argv):
@@ -58,6 +66,10 @@ def get_parser():
     p.add_argument("--hf-tokenizer", help="Hugging Face checkpoint (or tokenizer) directory for --tokenizer hf")
     p.add_argument("--spm-model", help="an existing SentencePiece model (else one is trained)")
     p.add_argument("--vocab-size", type=int, default=4000, help="size of a newly trained SentencePiece model")
+    p.add_argument("--teacher-spm-model", help="cross-tokenizer KD: the teacher's SentencePiece model; the same rows "
+                   "tokenized with it go to DESTDIR/teacher (pass it to fairseq-train as --teacher-data)")
+    p.add_argument("--teacher-hf-tokenizer", help="cross-tokenizer KD: the teacher's Hugging Face checkpoint (or "
+                   "tokenizer) directory, as --teacher-spm-model")
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-total-tokens", type=int, default=512, help="prompt + response + EOS")
     p.add_argument("--long-prompts", choices=["truncate", "drop"], default="truncate",
@@ -90,6 +102,68 @@ def encode_split(rows, tok, max_prompt, max_total, long_prompts):
     return pairs, kept, counts
 
 
+def teacher_tokenizer(args):
+    """The teacher's own tokenizer for cross-tokenizer KD (--teacher-spm-model / --teacher-hf-tokenizer), or None."""
+    if args.teacher_spm_model and args.teacher_hf_tokenizer:
+        raise DistillError("--teacher-spm-model and --teacher-hf-tokenizer both given; pass the teacher's one tokenizer")
+    if args.teacher_hf_tokenizer:
+        return HFTokenizer(args.teacher_hf_tokenizer)
+    if args.teacher_spm_model:
+        return SentencePieceTokenizer(args.teacher_spm_model)
+    return None
+
+
+def write_tokenized(tok, data, files, work, out, args, long_prompts):
+    """Tokenize every split with ``tok`` and binarize it into ``out`` (dictionary, tokenizer, report,
+    the kept rows as jsonl); returns the kept rows of each split."""
+    tok.save(out)
+    dict_file = os.path.join(work, "dict.txt")
+    with open(dict_file, "w", encoding="utf-8") as f:
+        f.writelines(f"{piece} 1\n" for piece in tok.vocabulary())
+    report = {"tokenizer": tok.kind, "max_prompt_tokens": args.max_prompt_tokens,
+              "max_total_tokens": args.max_total_tokens, "long_prompts": long_prompts, "splits": {}}
+    prefs, kept_rows = [], {}
+    for split, rows in data.items():
+        pairs, kept, counts = encode_split(rows, tok, args.max_prompt_tokens, args.max_total_tokens, long_prompts)
+        if not pairs:
+            raise DistillError(f"{files[split]}: no example left after dropping long prompts")
+        for side, idx in (("src", 0), ("tgt", 1)):
+            with open(os.path.join(work, f"{split}.{side}"), "w", encoding="utf-8") as f:
+                f.writelines(" ".join(pair[idx]) + "\n" for pair in pairs)
+        with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        prompt_lens = [len(p) for p, _ in pairs]
+        resp_lens = [len(r) + 1 for _, r in pairs]
+        counts["prompt_tokens_mean"] = round(sum(prompt_lens) / len(pairs), 1)
+        counts["response_tokens_mean"] = round(sum(resp_lens) / len(pairs), 1)
+        report["splits"][split] = counts
+        kept_rows[split] = kept
+        prefs += [f"--{split}pref", os.path.join(work, split)]
+        print(f"| {split}: {counts}", flush=True)
+    binarize(["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary", "--srcdict", dict_file,
+              "--destdir", out, "--workers", str(args.workers), *prefs])
+    with open(os.path.join(out, "prepare_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return kept_rows
+
+
+def write_alignment(student_tok, student_dir, teacher_tok, teacher_dir):
+    """``{teacher_dir}/alignment.json``: both dictionaries as token strings and the teacher -> student
+    id mapping by least edit distance (token_alignment.py), what MinED needs at training time."""
+    from fairseq.data import Dictionary
+
+    t0 = time.time()
+    student = dictionary_token_strings(student_tok, Dictionary.load(os.path.join(student_dir, "dict.src.txt")))
+    teacher = dictionary_token_strings(teacher_tok, Dictionary.load(os.path.join(teacher_dir, "dict.src.txt")))
+    mapping = vocabulary_mapping(teacher, student)
+    exact = sum(normalize_token(teacher[i]) == normalize_token(student[j]) for i, j in enumerate(mapping))
+    with open(os.path.join(teacher_dir, ALIGNMENT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"student_tokens": student, "teacher_tokens": teacher, "teacher_to_student": mapping},
+                  f, ensure_ascii=False)
+    print(f"| teacher -> student vocabulary mapping: {exact} of {len(teacher)} teacher tokens matched exactly "
+          f"({time.time() - t0:.1f}s)", flush=True)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.max_prompt_tokens < 1 or args.max_total_tokens <= args.max_prompt_tokens:
@@ -107,6 +181,7 @@ def main(argv=None):
     data = {s: read_instruction_jsonl(path) for s, path in files.items()}  # validate all first
     print(f"| read {', '.join(f'{s}: {len(r)} rows' for s, r in data.items())}", flush=True)
 
+    teacher_tok = teacher_tokenizer(args)
     with staged_directory(dest, prefix=".prepare-") as (work, out):
         if args.tokenizer == "hf":
             tok = HFTokenizer(args.hf_tokenizer)
@@ -117,37 +192,16 @@ def main(argv=None):
             texts = [t for r in data["train"] for t in (render_prompt(r), references(r)[0])]
             tok = SentencePieceTokenizer.train(texts, os.path.join(work, "spm"), args.vocab_size)
             print(f"| trained a SentencePiece model, {tok.sp.get_piece_size()} pieces", flush=True)
-        tok.save(out)
-        dict_file = os.path.join(work, "dict.txt")
-        with open(dict_file, "w", encoding="utf-8") as f:
-            f.writelines(f"{piece} 1\n" for piece in tok.vocabulary())
-
-        report = {"tokenizer": tok.kind, "max_prompt_tokens": args.max_prompt_tokens,
-                  "max_total_tokens": args.max_total_tokens, "long_prompts": args.long_prompts, "splits": {}}
-        prefs = []
-        for split, rows in data.items():
-            pairs, kept, counts = encode_split(
-                rows, tok, args.max_prompt_tokens, args.max_total_tokens, args.long_prompts
-            )
-            if not pairs:
-                raise DistillError(f"{files[split]}: no example left after dropping long prompts")
-            for side, idx in (("src", 0), ("tgt", 1)):
-                with open(os.path.join(work, f"{split}.{side}"), "w", encoding="utf-8") as f:
-                    f.writelines(" ".join(pair[idx]) + "\n" for pair in pairs)
-            with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-            prompt_lens = [len(p) for p, _ in pairs]
-            resp_lens = [len(r) + 1 for _, r in pairs]
-            counts["prompt_tokens_mean"] = round(sum(prompt_lens) / len(pairs), 1)
-            counts["response_tokens_mean"] = round(sum(resp_lens) / len(pairs), 1)
-            report["splits"][split] = counts
-            prefs += [f"--{split}pref", os.path.join(work, split)]
-            print(f"| {split}: {counts}", flush=True)
-
-        binarize(["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary", "--srcdict", dict_file,
-                  "--destdir", out, "--workers", str(args.workers), *prefs])
-        with open(os.path.join(out, "prepare_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        kept = write_tokenized(tok, data, files, work, out, args, args.long_prompts)
+        if teacher_tok is not None:
+            # the teacher's tokenization of exactly the rows kept for the student, in the same order;
+            # a teacher prompt over --max-prompt-tokens is truncated (never dropped: rows stay paired)
+            t_work, t_out = os.path.join(work, TEACHER_SUBDIR), os.path.join(out, TEACHER_SUBDIR)
+            os.makedirs(t_work)
+            os.makedirs(t_out)
+            print(f"| teacher tokenization ({teacher_tok.kind}) in {TEACHER_SUBDIR}/", flush=True)
+            write_tokenized(teacher_tok, kept, files, t_work, t_out, args, "truncate")
+            write_alignment(tok, out, teacher_tok, t_out)
     print(f"| wrote {dest} in {time.time() - t0:.1f}s", flush=True)
 
 

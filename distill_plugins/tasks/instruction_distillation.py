@@ -10,9 +10,15 @@ pre-training corpus (``data/lm_corpus.py``; ``--lm-batch-size`` sequences, defau
 training batch) for the criterion's extra LM term (DistiLLM's ``lm_coef`` * LM loss, spec section 3;
 ``--lm-coef`` of the token-level criterions).
 
+With ``--teacher-data DIR`` (cross-tokenizer KD, ``--criterion uld|min_ed``) the teacher has its own
+tokenizer: DIR holds the teacher's tokenization of the same rows (distill-prepare
+``--teacher-spm-model``/``--teacher-hf-tokenizer``), batches carry it as ``sample["teacher"]``
+(``data/paired_tokenizations.py``) and the teacher is loaded for that dictionary.
+
 Generation (``fairseq-generate``, ``--eval-rouge``) conditions on the prompt and returns only the
 response: pass ``--max-len-b`` as the total length (prompt included), e.g. 512.
 """
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,9 +30,10 @@ from fairseq.data import Dictionary, data_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II
+from omegaconf import II, DictConfig, open_dict
 
 from ..data.lm_corpus import LMCorpus
+from ..data.paired_tokenizations import PairedTokenizationDataset
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
 from ..data.sharded_order import rank_and_world
 from ..data.world_size_resume import track_world_size
@@ -57,6 +64,12 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
         default=None,
         metadata={"help": "fairseq checkpoint or Hugging Face checkpoint directory of the teacher (needed by every KD criterion); several "
                           "comma-separated checkpoints for multi-teacher criterions, the first is task.teacher"},
+    )
+    teacher_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "cross-tokenizer KD (--criterion uld, min_ed): the teacher's tokenization of the same data, "
+                          "DATA/teacher as written by distill-prepare --teacher-spm-model/--teacher-hf-tokenizer; "
+                          "the teacher checkpoint is of that dictionary"},
     )
     teacher_cache: Optional[str] = field(
         default=None,
@@ -136,6 +149,7 @@ class InstructionDistillationTask(FairseqTask):
         self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
         self.restored_state: Optional[dict] = None  # the resumed checkpoint's task state, read at the first step
         self._warned_length_limit = False  # prompts that fill --max-len-b: warned once (inference_step)
+        self.teacher_task = None  # --teacher-data: the task of the teacher's tokenization (teacher_side_task)
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -160,9 +174,18 @@ class InstructionDistillationTask(FairseqTask):
             parts.append(ds)
         if len(parts[0]) == 0:
             raise DistillError(f"the '{split}' split in {data} is empty")
-        self.datasets[split] = PromptResponseDataset(
+        dataset = PromptResponseDataset(
             parts[0], parts[1], self.dictionary, max_len=self.cfg.tokens_per_sample, shuffle=(split == "train")
         )
+        if self.cfg.teacher_data:  # cross-tokenizer KD: the teacher's tokenization of the same rows
+            teacher = self.teacher_side_task()
+            teacher.load_dataset(split, epoch=epoch, combine=combine)
+            other = teacher.datasets[split]
+            check(len(other) == len(dataset),
+                  f"--teacher-data {self.cfg.teacher_data} has {len(other)} '{split}' examples, {data} has "
+                  f"{len(dataset)}; prepare both in one distill-prepare run with --teacher-spm-model/--teacher-hf-tokenizer")
+            dataset = PairedTokenizationDataset(dataset, other)
+        self.datasets[split] = dataset
         logger.info(f"{split}: {len(self.datasets[split])} examples")
         for t in self.teachers:
             if isinstance(t, CachedTeacher):
@@ -189,13 +212,35 @@ class InstructionDistillationTask(FairseqTask):
     # a task whose criterion scores sequences the student generates needs the teacher itself
     scores_generated_sequences = False
 
+    def teacher_side_task(self) -> "InstructionDistillationTask":
+        """--teacher-data: this task on the teacher's tokenization (its dictionary, data and
+        checkpoints), built once; the teachers are loaded for it."""
+        if self.teacher_task is None:
+            check(not self.cfg.teacher_cache, "--teacher-cache cannot be used with --teacher-data (cross-tokenizer KD "
+                                              "runs the teacher on its own tokenization); pass --teacher-path")
+            check(self.student_data is None, f"--student-data-mode {self.cfg.student_data_mode} with --teacher-data: "
+                                             "student generations have no teacher tokenization; drop one of them")
+            cfg = copy.deepcopy(self.cfg)
+            changes = dict(data=self.cfg.teacher_data, teacher_data=None, teacher_path=None, teacher_cache=None,
+                           lm_data=None, eval_rouge=False, student_data_mode="off")
+            if isinstance(cfg, DictConfig):
+                with open_dict(cfg):
+                    for k, v in changes.items():
+                        cfg[k] = v
+            else:
+                for k, v in changes.items():
+                    setattr(cfg, k, v)
+            self.teacher_task = InstructionDistillationTask.setup_task(cfg)
+        return self.teacher_task
+
     def load_teachers(self) -> List[Teacher]:
         if self.cfg.teacher_cache and not self.teachers:
             self.teachers = self.load_teacher_caches()
         if self.cfg.teacher_path and not self.teachers:
             paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
+            owner = self.teacher_side_task() if self.cfg.teacher_data else self  # whose dictionary
             self.teachers = [
-                Teacher.load(p, self, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device) for p in paths
+                Teacher.load(p, owner, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device) for p in paths
             ]
             if self.cfg.teacher_sharding == "fsdp":
                 on_gpu = torch.cuda.is_available() and not self.cfg.cpu
@@ -227,6 +272,11 @@ class InstructionDistillationTask(FairseqTask):
         # student (which builds only the model) never loads the teacher.
         self.load_teachers()
         criterion = super().build_criterion(cfg, from_checkpoint)
+        cross = getattr(criterion, "cross_tokenizer", False)
+        name = getattr(cfg, "_name", type(criterion).__name__)
+        if self.cfg.teacher_data and not cross:
+            raise DistillError(f"--teacher-data is for cross-tokenizer criterions (uld, min_ed); {name} compares "
+                               "teacher and student token by token in one vocabulary: drop --teacher-data")
         if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):
             raise DistillError(f"--lm-data needs a criterion with an LM term (kd, skew_kl, js, ... or minillm); "
                                f"{getattr(cfg, '_name', type(criterion).__name__)} would ignore it: drop --lm-data")

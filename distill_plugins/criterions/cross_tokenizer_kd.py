@@ -1,0 +1,66 @@
+"""Base of the cross-tokenizer criterions (``uld``, ``min_ed``): teacher and student tokenize the
+same example differently, so their label positions and vocabularies differ.
+
+    loss = (1 - kd_ratio) * CE(student, labels) + kd_ratio * D
+
+The teacher runs on its own tokenization (``sample["teacher"]``, from ``--teacher-data``;
+``data/paired_tokenizations.py``); a subclass's ``cross_kd`` turns the student's and the teacher's
+logits at their response labels into the summed KD term D. CE, ``sample_size`` = the student's
+response tokens, the ``--lm-data`` term and the logged ``loss``/``nll_loss``/``kd_loss`` are those
+of ``token_level_kd``. The loss is computed in its plain form (full float32 logits of both models at
+the response tokens); ``--kd-impl`` does not apply.
+"""
+import torch
+
+from ..errors import check
+from .token_level_kd import TokenLevelKDCriterion
+
+
+def row_ranks(mask: torch.Tensor):
+    """For the ``True`` entries of ``mask`` [B, T] in row-major order (the order of ``x[mask]``):
+    their row and their rank within the row (0 for a row's first label)."""
+    rows = mask.nonzero(as_tuple=True)[0]
+    ranks = (mask.long().cumsum(1) - 1)[mask]
+    return rows, ranks
+
+
+def rows_by_example(mask: torch.Tensor):
+    """Slices of ``x[mask]`` by row of ``mask``: [(start, end)] for every row."""
+    ends = mask.sum(1).cumsum(0).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
+    cross_tokenizer = True  # the task feeds the teacher its own tokenization (--teacher-data)
+
+    def __init__(self, task, cfg):
+        name = getattr(cfg, "_name", type(self).__name__)
+        check(getattr(task.cfg, "teacher_data", None),
+              f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the teacher's tokenization "
+              "of the data (DATA/teacher from distill-prepare --teacher-spm-model/--teacher-hf-tokenizer)")
+        super().__init__(task, cfg)
+        self.teacher_pad = task.teacher_side_task().dictionary.pad()
+
+    def uses_memory_efficient_loss(self) -> bool:
+        return False
+
+    def kd_term(self, student, sample, mask):
+        side = sample["teacher"]
+        teacher_mask = side["target"].ne(self.teacher_pad)
+        teacher = self.task.teacher.logits(side["net_input"])[teacher_mask]  # [N_t, V_t]
+        return self.cross_kd(student, mask, sample["target"], teacher, teacher_mask, side["target"])
+
+    def cross_kd(self, student, mask, target, teacher, teacher_mask, teacher_target):
+        """Summed KD term and extra logging entries from the student's logits ``student`` [N, V_s]
+        at ``mask`` (labels ``target``) and the teacher's ``teacher`` [N_t, V_t] at ``teacher_mask``."""
+        raise NotImplementedError
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        from fairseq.logging import metrics
+
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+        aligned = sum(log.get("aligned_tokens", 0) for log in logging_outputs)
+        if ntokens > 0:  # share of the student's labels that the teacher's logits taught
+            metrics.log_scalar("aligned", aligned / ntokens, ntokens, round=3)

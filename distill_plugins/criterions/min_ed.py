@@ -1,0 +1,91 @@
+"""MinED: forward KL to the teacher mapped onto the student's vocabulary by minimum edit distance
+(FuseLLM, Wan et al. 2024; DSKD's ``min_edit_dis_kld``, spec 1d).
+
+Per example, the student's and the teacher's response labels (EOS included) are aligned by dynamic
+time warping with the edit distance of their strings (``token_alignment.dtw_alignment``). A student
+label aligned to exactly one teacher label u, where the teacher -> student vocabulary mapping
+(least edit distance, ``alignment.json`` of ``--teacher-data``) takes u to that very student label,
+is taught by the teacher's logits at u moved to the student's vocabulary: every student token gets
+the largest logit of the teacher tokens mapped to it, unmapped ones -1e5. Every other student label
+is taught a one-hot "teacher" on itself (logit 100, -1e5 elsewhere). D = sum of
+``forward_kl(student, that teacher, --temperature)``. ``aligned_tokens`` logs the labels taught by
+the teacher. Alignments are kept per example (they depend on its tokens only).
+"""
+import json
+import os
+
+import torch
+from fairseq.criterions import register_criterion
+
+from ..divergences import forward_kl
+from ..errors import DistillError
+from ..token_alignment import ALIGNMENT_FILE, dtw_alignment
+from .cross_tokenizer_kd import CrossTokenizerKDCriterion, rows_by_example
+from .token_level_kd import TokenLevelKDConfig
+
+UNMAPPED_LOGIT = -1e5
+ONE_HOT_LOGIT = 100.0
+
+
+def teacher_rows_for_student(student_ids, teacher_ids, student_tokens, teacher_tokens, teacher_to_student):
+    """For each student label, the index of the teacher label that teaches it, or -1 (one-hot)."""
+    aligned = dtw_alignment([student_tokens[i] for i in student_ids], [teacher_tokens[j] for j in teacher_ids])
+    out = []
+    for s_id, js in zip(student_ids, aligned):
+        ok = len(js) == 1 and teacher_to_student[teacher_ids[js[0]]] == s_id
+        out.append(js[0] if ok else -1)
+    return out
+
+
+def teacher_in_student_vocab(teacher_rows, teacher_to_student, student_vocab: int):
+    """[N, V_t] teacher logits -> [N, V_s]: each student token takes the largest logit of the teacher
+    tokens mapped to it (``teacher_to_student`` [V_t]); student tokens nobody maps to get -1e5."""
+    n = teacher_rows.size(0)
+    out = teacher_rows.new_full((n, student_vocab), UNMAPPED_LOGIT, dtype=torch.float32)
+    index = teacher_to_student.to(teacher_rows.device).unsqueeze(0).expand(n, -1)
+    return out.scatter_reduce(1, index, teacher_rows.float(), reduce="amax", include_self=True)
+
+
+@register_criterion("min_ed", dataclass=TokenLevelKDConfig)
+class MinEditDistanceKDCriterion(CrossTokenizerKDCriterion):
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        path = os.path.join(task.cfg.teacher_data, ALIGNMENT_FILE)
+        if not os.path.isfile(path):
+            raise DistillError(f"{task.cfg.teacher_data} has no {ALIGNMENT_FILE}; prepare the data with distill-prepare "
+                               "--teacher-spm-model/--teacher-hf-tokenizer")
+        with open(path, encoding="utf-8") as f:
+            alignment = json.load(f)
+        self.student_tokens = alignment["student_tokens"]
+        self.teacher_tokens = alignment["teacher_tokens"]
+        self.teacher_to_student = alignment["teacher_to_student"]
+        teacher_dict = task.teacher_side_task().dictionary
+        if len(self.student_tokens) != len(task.dictionary) or len(self.teacher_tokens) != len(teacher_dict):
+            raise DistillError(f"{path} was made for other dictionaries (sizes {len(self.student_tokens)}/"
+                               f"{len(self.teacher_tokens)}, the data has {len(task.dictionary)}/{len(teacher_dict)}); "
+                               "prepare the data again")
+        self.mapping = torch.tensor(self.teacher_to_student, dtype=torch.long)
+        self._rows_cache = {}
+
+    def teacher_rows(self, student_ids, teacher_ids):
+        key = (tuple(student_ids), tuple(teacher_ids))
+        if key not in self._rows_cache:
+            self._rows_cache[key] = teacher_rows_for_student(
+                student_ids, teacher_ids, self.student_tokens, self.teacher_tokens, self.teacher_to_student)
+        return self._rows_cache[key]
+
+    def cross_kd(self, student, mask, target, teacher, teacher_mask, teacher_target):
+        labels, teacher_labels = target[mask].tolist(), teacher_target[teacher_mask].tolist()
+        chosen = []  # per student label: the row of ``teacher`` that teaches it, or -1
+        for (s0, s1), (t0, t1) in zip(rows_by_example(mask), rows_by_example(teacher_mask)):
+            rows = self.teacher_rows(labels[s0:s1], teacher_labels[t0:t1])
+            chosen += [t0 + j if j >= 0 else -1 for j in rows]
+        chosen = torch.tensor(chosen, dtype=torch.long, device=student.device)
+        labels_t = target[mask]
+        goal = student.new_full(student.shape, UNMAPPED_LOGIT, dtype=torch.float32)
+        goal[torch.arange(goal.size(0), device=goal.device), labels_t] = ONE_HOT_LOGIT
+        taught = chosen.ge(0)
+        if taught.any():
+            goal[taught] = teacher_in_student_vocab(teacher[chosen[taught]], self.mapping, student.size(-1))
+        kd = forward_kl(student, goal, temperature=self.temperature).sum()
+        return kd, {"aligned_tokens": int(taught.sum())}

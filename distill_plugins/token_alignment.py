@@ -1,0 +1,126 @@
+"""Aligning two tokenizations of one text, for cross-tokenizer KD (MinED; spec section 1d).
+
+Pure functions on token strings:
+
+* ``normalize_token`` drops the word-start markers of byte-level BPE ("Ġ") and SentencePiece ("▁"),
+  as DSKD's MinED does before comparing tokens.
+* ``vocabulary_mapping`` maps every teacher token to the student token at the least edit distance
+  (FuseLLM / DSKD's ``tea2stu_id_mapping``, top-1: ``max_align_num`` 1); exact matches first, ties to
+  the lower student id. Special symbols map to the student's same special symbol.
+* ``dtw_alignment`` aligns two token sequences by dynamic time warping with the edit distance of
+  their normalized strings as the cost (FuseLLM's ``dtw``; DSKD ``min_edit_dis_kld.py``): every token
+  is aligned to at least one token of the other side, monotonically.
+* ``dictionary_token_strings`` gives a data directory's fairseq dictionary as token strings (for a
+  Hugging Face tokenizer the dictionary holds HF ids; its token strings come from the tokenizer).
+"""
+from typing import Dict, List, Sequence
+
+import editdistance
+import numpy as np
+
+MARKERS = ("Ġ", "▁")
+ALIGNMENT_FILE = "alignment.json"  # in a --teacher-data dir: written by distill-prepare, read by min_ed
+
+
+def normalize_token(token: str) -> str:
+    for marker in MARKERS:
+        token = token.replace(marker, "")
+    return token
+
+
+def edit_distance(a: str, b: str) -> int:
+    return int(editdistance.eval(a, b))
+
+
+def nearest_token(query: str, by_length: Dict[int, List[int]], strings: Sequence[str]) -> int:
+    """Index of the string in ``strings`` at the least edit distance from ``query`` (ties: the lowest
+    index). ``by_length`` groups the candidate indices by string length: the distance is at least
+    the difference in length, so lengths are searched outward from ``len(query)`` and the search
+    stops once no remaining length can beat the best distance found."""
+    best, best_index = None, None
+    n = len(query)
+    longest = max(by_length) if by_length else 0
+    for gap in range(0, max(n, longest) + 1):
+        if best is not None and gap > best:
+            break
+        for length in {n - gap, n + gap}:
+            for index in by_length.get(length, ()):
+                d = edit_distance(query, strings[index])
+                if best is None or d < best or (d == best and index < best_index):
+                    best, best_index = d, index
+    return best_index
+
+
+def vocabulary_mapping(teacher_tokens: Sequence[str], student_tokens: Sequence[str],
+                       specials: int = 4) -> List[int]:
+    """For every teacher token id, the student token id whose normalized string is nearest by edit
+    distance (the first ``specials`` ids, fairseq's <s> <pad> </s> <unk>, map to themselves)."""
+    student_norm = [normalize_token(t) for t in student_tokens]
+    exact: Dict[str, int] = {}
+    by_length: Dict[int, List[int]] = {}
+    for i in range(specials, len(student_norm)):
+        exact.setdefault(student_norm[i], i)
+        by_length.setdefault(len(student_norm[i]), []).append(i)
+    mapping = list(range(min(specials, len(teacher_tokens))))
+    cache: Dict[str, int] = {}
+    for token in teacher_tokens[specials:]:
+        norm = normalize_token(token)
+        if norm in exact:
+            mapping.append(exact[norm])
+            continue
+        if norm not in cache:
+            found = nearest_token(norm, by_length, student_norm)
+            cache[norm] = found if found is not None else 3  # no candidates at all: <unk>
+        mapping.append(cache[norm])
+    return mapping
+
+
+def dtw_alignment(a: Sequence[str], b: Sequence[str]) -> List[List[int]]:
+    """For each token of ``a``, the indices of the tokens of ``b`` aligned to it by dynamic time
+    warping with cost ``edit_distance(normalize_token(a_i), normalize_token(b_j))``.
+
+    D[i, j] = cost(i, j) + min(D[i-1, j-1], D[i-1, j], D[i, j-1]), D[0, 0] = cost(0, 0); the path is
+    traced back from (n-1, m-1) preferring the diagonal, then a step in ``a``, then one in ``b``.
+    An empty side aligns nothing."""
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return [[] for _ in range(n)]
+    na, nb = [normalize_token(t) for t in a], [normalize_token(t) for t in b]
+    cost = np.array([[edit_distance(x, y) for y in nb] for x in na], dtype=np.float64)
+    acc = np.full((n + 1, m + 1), np.inf)
+    acc[0, 0] = 0.0
+    for i in range(1, n + 1):
+        row, prev = acc[i], acc[i - 1]
+        for j in range(1, m + 1):
+            row[j] = cost[i - 1, j - 1] + min(prev[j - 1], prev[j], row[j - 1])
+    aligned: List[List[int]] = [[] for _ in range(n)]
+    i, j = n, m
+    while True:
+        aligned[i - 1].append(j - 1)
+        if i == 1 and j == 1:
+            break
+        options = (acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1])
+        move = int(np.argmin(options))  # first minimum: diagonal, then up, then left
+        if move == 0:
+            i, j = i - 1, j - 1
+        elif move == 1:
+            i -= 1
+        else:
+            j -= 1
+    for row in aligned:
+        row.reverse()
+    return aligned
+
+
+def dictionary_token_strings(tokenizer, dictionary) -> List[str]:
+    """Token string of every id of a fairseq ``dictionary`` built from ``tokenizer``
+    (``data.tokenizers``): SentencePiece pieces are the symbols themselves; for a Hugging Face
+    tokenizer the symbols are HF ids, turned back into the tokenizer's token strings."""
+    symbols = list(dictionary.symbols)
+    if getattr(tokenizer, "kind", None) != "hf":
+        return symbols
+    out = []
+    for sym in symbols:
+        hf_id = tokenizer.vocab.hf_id(sym)
+        out.append(sym if hf_id is None else tokenizer.tok.convert_ids_to_tokens(hf_id))
+    return out
