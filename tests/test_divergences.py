@@ -347,3 +347,73 @@ def test_registry_and_shape_errors():
         D.get_divergence("kl2")
     with pytest.raises(ValueError, match="differ in shape"):
         D.forward_kl(torch.zeros(2, 5), torch.zeros(2, 6))
+
+
+# --------------------------------------------------------------------------------------------
+# ULD: vocabularies of different sizes (cross-tokenizer KD)
+# --------------------------------------------------------------------------------------------
+
+
+def ref_uld_row(s_row, t_row, temperature):
+    """sum_k |q_(k) - p_(k)| with both probability lists sorted descending, the shorter padded with 0."""
+    q = sorted(ref_softmax(s_row, temperature)[0], reverse=True)
+    p = sorted(ref_softmax(t_row, temperature)[0], reverse=True)
+    width = max(len(q), len(p))
+    q, p = q + [0.0] * (width - len(q)), p + [0.0] * (width - len(p))
+    return sum(abs(a - b) for a, b in zip(q, p))
+
+
+def uld_inputs(vs, vt, seed, infs=False, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, vs, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(N, vt, generator=g, dtype=torch.float64) * 3
+    if infs:
+        s[0, 1], t[1, 2], s[2, 0], t[2, 3] = -math.inf, -math.inf, math.inf, math.inf
+        t[3, : vt - 1] = -math.inf  # a certain teacher
+    return s.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("infs", [False, True])
+@pytest.mark.parametrize("vs,vt", [(V, V), (V, V + 7), (V + 5, V - 3)])
+def test_uld_matches_float64_reference(vs, vt, infs, temperature):
+    s, t = uld_inputs(vs, vt, seed=vs + vt, infs=infs)
+    want = torch.tensor([ref_uld_row(a.tolist(), b.tolist(), temperature) for a, b in zip(s, t)], dtype=torch.float64)
+    got = D.universal_logit_distance(s, t, temperature=temperature)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got32 = D.universal_logit_distance(s.float(), t.float(), temperature=temperature)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_uld_bf16_inputs_are_computed_in_float32():
+    s, t = uld_inputs(V, V + 4, seed=3, infs=True)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    got = D.universal_logit_distance(s16, t16)
+    assert got.dtype == torch.float32
+    want = D.universal_logit_distance(s16.double(), t16.double())  # the same rounded inputs in float64
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("infs", [False, True])
+def test_uld_gradcheck_float64(infs):
+    s, t = uld_inputs(V - 4, V + 3, seed=11, infs=infs)
+    s = s.masked_fill(torch.isinf(s), -math.inf).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: D.universal_logit_distance(x, t), (s,))
+    s.grad = None
+    D.universal_logit_distance(s, t).sum().backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[torch.isinf(s)] == 0).all()
+
+
+def test_uld_properties():
+    s, t = uld_inputs(V, V + 9, seed=5)
+    d = D.universal_logit_distance(s, t)
+    assert (d >= 0).all() and (d <= 2 + 1e-12).all()
+    # invariant to permuting either vocabulary, zero for the same distribution, zero-padded entries count
+    perm_s, perm_t = torch.randperm(V), torch.randperm(V + 9)
+    torch.testing.assert_close(D.universal_logit_distance(s[:, perm_s], t[:, perm_t]), d)
+    assert D.universal_logit_distance(s, s[:, torch.randperm(V)]).abs().max() < 1e-12
+    padded = torch.cat([s, torch.full((N, 3), -math.inf, dtype=s.dtype)], dim=1)
+    assert D.universal_logit_distance(s, padded).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="positions"):
+        D.universal_logit_distance(s[:2], t)
