@@ -100,7 +100,8 @@ class Teacher:
             same_size = " but other symbols" if recorded["size"] == student["size"] else ""
             raise DistillError(
                 f"{role} dictionary (size {recorded['size']}) differs from the student's (size "
-                f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary"
+                f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary, "
+                "or distil across tokenizers (--criterion uld or min_ed with --teacher-data, README)"
             )
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
         models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)

@@ -12,7 +12,6 @@ the response tokens); ``--kd-impl`` does not apply.
 """
 import torch
 
-from ..errors import check
 from .token_level_kd import TokenLevelKDCriterion
 
 
@@ -33,11 +32,7 @@ def rows_by_example(mask: torch.Tensor):
 class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
     cross_tokenizer = True  # the task feeds the teacher its own tokenization (--teacher-data)
 
-    def __init__(self, task, cfg):
-        name = getattr(cfg, "_name", type(self).__name__)
-        check(getattr(task.cfg, "teacher_data", None),
-              f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the teacher's tokenization "
-              "of the data (DATA/teacher from distill-prepare --teacher-spm-model/--teacher-hf-tokenizer)")
+    def __init__(self, task, cfg):  # the task checked that it has --teacher-data (build_criterion)
         super().__init__(task, cfg)
         self.teacher_pad = task.teacher_side_task().dictionary.pad()
 

@@ -29,6 +29,7 @@ from fairseq import utils
 from fairseq.data import Dictionary, data_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.dataclass import ChoiceEnum
+from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, DictConfig, open_dict
 
@@ -270,13 +271,17 @@ class InstructionDistillationTask(FairseqTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         # The teacher is loaded here, not in build_model: generating with or evaluating the
         # student (which builds only the model) never loads the teacher.
-        self.load_teachers()
-        criterion = super().build_criterion(cfg, from_checkpoint)
-        cross = getattr(criterion, "cross_tokenizer", False)
-        name = getattr(cfg, "_name", type(criterion).__name__)
+        name = getattr(cfg, "_name", None)
+        cross = getattr(CRITERION_REGISTRY.get(name), "cross_tokenizer", False)
         if self.cfg.teacher_data and not cross:
             raise DistillError(f"--teacher-data is for cross-tokenizer criterions (uld, min_ed); {name} compares "
                                "teacher and student token by token in one vocabulary: drop --teacher-data")
+        if cross and not self.cfg.teacher_data:
+            raise DistillError(f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the "
+                               "teacher's tokenization of the data (DATA/teacher from distill-prepare "
+                               "--teacher-spm-model/--teacher-hf-tokenizer)")
+        self.load_teachers()
+        criterion = super().build_criterion(cfg, from_checkpoint)
         if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):
             raise DistillError(f"--lm-data needs a criterion with an LM term (kd, skew_kl, js, ... or minillm); "
                                f"{getattr(cfg, '_name', type(criterion).__name__)} would ignore it: drop --lm-data")
