@@ -101,7 +101,7 @@ class Teacher:
             raise DistillError(
                 f"{role} dictionary (size {recorded['size']}) differs from the student's (size "
                 f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary, "
-                "or distil across tokenizers (--criterion uld or min_ed with --teacher-data, README)"
+                "or distil across tokenizers (--criterion uld, min_ed or dskd_cma with --teacher-data, README)"
             )
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
         models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
@@ -139,15 +139,25 @@ class Teacher:
         states and output weight, on the student's device), for losses that make them a chunk at a
         time; None if its logits are more than that (``output_projection.fusable_output``)."""
         from .chunked_divergences import ProjectedLogits
-        from .output_projection import fusable_output
 
-        if self.sharded:  # outside its forward the projection weight is only this worker's shard
+        found = self.hidden_states(net_input)
+        if found is None:
             return None
-        out = fusable_output(self.model)
+        hidden, out = found
+        return ProjectedLogits(hidden[mask], out.weight, out.fixed)
+
+    @torch.no_grad()
+    def hidden_states(self, net_input: dict):
+        """The teacher's last hidden states [B, T, d] (what its output layer reads) and its
+        ``output_projection.FusedOutput`` (weight on the student's device), for losses that read
+        them out themselves (dual-space KD); None if its logits are more than that."""
+        from .output_projection import FusedOutput, fusable_output
+
+        out = None if self.sharded else fusable_output(self.model)  # sharded: only this worker's rows
         if out is None:
             return None
-        hidden = self._forward(net_input, features_only=True)[mask]
-        return ProjectedLogits(hidden, out.weight.to(hidden.device), out.fixed)
+        hidden = self._forward(net_input, features_only=True)
+        return hidden, FusedOutput(out.weight.to(hidden.device), out.fixed)
 
     def rows(self, net_input: dict, mask: torch.Tensor, fused: bool):
         """The teacher side of a chunked loss at ``mask``: ``projected_logits`` when ``fused`` and the

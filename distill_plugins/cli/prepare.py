@@ -10,7 +10,7 @@ dictionary. Prompts longer than ``--max-prompt-tokens`` are truncated (DistiLLM,
 ``--max-total-tokens``. Counts go to ``prepare_report.json``. The destination appears only when
 everything succeeded (built in a temporary directory, then renamed).
 
-Cross-tokenizer KD (ULD, MinED: ``--criterion uld|min_ed``): ``--teacher-spm-model`` or
+Cross-tokenizer KD (``--criterion uld|min_ed|dskd_cma``): ``--teacher-spm-model`` or
 ``--teacher-hf-tokenizer`` also writes ``DESTDIR/teacher``, the same rows in the same order in the
 teacher's tokenization (a data directory of its own: train the teacher on it, pass it to the
 student's fairseq-train as ``--teacher-data``), with ``alignment.json`` (both vocabularies as token

@@ -50,12 +50,3 @@ class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
         at ``mask`` (labels ``target``) and the teacher's ``teacher`` [N_t, V_t] at ``teacher_mask``."""
         raise NotImplementedError
 
-    @classmethod
-    def reduce_metrics(cls, logging_outputs) -> None:
-        super().reduce_metrics(logging_outputs)
-        from fairseq.logging import metrics
-
-        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
-        aligned = sum(log.get("aligned_tokens", 0) for log in logging_outputs)
-        if ntokens > 0:  # share of the student's labels that the teacher's logits taught
-            metrics.log_scalar("aligned", aligned / ntokens, ntokens, round=3)

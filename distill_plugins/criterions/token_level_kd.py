@@ -151,6 +151,13 @@ class TokenLevelKDCriterion(FairseqCriterion):
         teacher = dense_rows(self.task.teacher.rows(sample["net_input"], mask, fused=False))
         return self.divergence(student, teacher).sum(), {}
 
+    def plain_terms(self, model, sample, mask):
+        """The plain form: the student's logits at ``mask`` [N, V], the summed KD term and extra
+        logging entries; criterions that need more of the student than its logits override this."""
+        student = model(**sample["net_input"])[0][mask]
+        kd, extra = self.kd_term(student, sample, mask)
+        return student, kd, extra
+
     def chunk_loss_and_grad(self):
         """Optional analytic form of a chunk's loss for --kd-impl chunked/fused (see
         ``chunked_divergences.forward_kl_loss_and_grad``); None: autograd through ``divergence``."""
@@ -214,8 +221,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
             loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, labels)
             extra = self.part_logs(parts) if parts is not None else {}
         else:
-            student = model(**sample["net_input"])[0][mask]  # [N, V]
-            kd, extra = self.kd_term(student, sample, mask)
+            student, kd, extra = self.plain_terms(model, sample, mask)
             ce = F.cross_entropy(student.float(), labels, reduction="sum")
             loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         ntokens = labels.numel()  # known since target[mask]; int(mask.sum()) would wait for the GPU here
@@ -261,6 +267,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
         lm_tokens = total("lm_ntokens")
         if lm_tokens > 0:
             metrics.log_scalar("lm_loss", total("lm_loss") / lm_tokens / math.log(2), lm_tokens, round=3)
+        if any("aligned_tokens" in log for log in logging_outputs) and total("ntokens") > 0:
+            # cross-tokenizer criterions: the share of the student's labels that the teacher's logits taught
+            metrics.log_scalar("aligned", total("aligned_tokens") / total("ntokens"), total("ntokens"), round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
     @staticmethod

@@ -10,7 +10,7 @@ pre-training corpus (``data/lm_corpus.py``; ``--lm-batch-size`` sequences, defau
 training batch) for the criterion's extra LM term (DistiLLM's ``lm_coef`` * LM loss, spec section 3;
 ``--lm-coef`` of the token-level criterions).
 
-With ``--teacher-data DIR`` (cross-tokenizer KD, ``--criterion uld|min_ed``) the teacher has its own
+With ``--teacher-data DIR`` (cross-tokenizer KD, ``--criterion uld|min_ed|dskd_cma``) the teacher has its own
 tokenizer: DIR holds the teacher's tokenization of the same rows (distill-prepare
 ``--teacher-spm-model``/``--teacher-hf-tokenizer``), batches carry it as ``sample["teacher"]``
 (``data/paired_tokenizations.py``) and the teacher is loaded for that dictionary.
@@ -43,6 +43,7 @@ from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
 from ..generated import student_data
 from ..generated.config import StudentDataConfig
 from ..generation import PromptSequenceGenerator
+from ..output_projection import fusable_output
 from ..prefill_generator import PrefillGenerator, prefill_applicable
 from ..resume import restored_task_state
 from ..teacher import Teacher, dictionary_fingerprint
@@ -68,7 +69,7 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
     )
     teacher_data: Optional[str] = field(
         default=None,
-        metadata={"help": "cross-tokenizer KD (--criterion uld, min_ed): the teacher's tokenization of the same data, "
+        metadata={"help": "cross-tokenizer KD (--criterion uld, min_ed, dskd_cma): the teacher's tokenization of the same data, "
                           "DATA/teacher as written by distill-prepare --teacher-spm-model/--teacher-hf-tokenizer; "
                           "the teacher checkpoint is of that dictionary"},
     )
@@ -274,7 +275,7 @@ class InstructionDistillationTask(FairseqTask):
         name = getattr(cfg, "_name", None)
         cross = getattr(CRITERION_REGISTRY.get(name), "cross_tokenizer", False)
         if self.cfg.teacher_data and not cross:
-            raise DistillError(f"--teacher-data is for cross-tokenizer criterions (uld, min_ed); {name} compares "
+            raise DistillError(f"--teacher-data is for cross-tokenizer criterions (uld, min_ed, dskd_cma); {name} compares "
                                "teacher and student token by token in one vocabulary: drop --teacher-data")
         if cross and not self.cfg.teacher_data:
             raise DistillError(f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the "
@@ -406,6 +407,8 @@ class InstructionDistillationTask(FairseqTask):
             model.record_config(cfg)
         if not from_checkpoint:  # the student being trained: its generations must fit its positions
             student_data.check_model_positions(self.cfg, model)
+            out = fusable_output(model)  # dual-space KD sizes its projections by it
+            self.student_hidden_dim = None if out is None else out.weight.size(1)
         # not for models loaded from checkpoints (teachers, fairseq-generate, distill-evaluate)
         if self.cfg.eval_rouge and not from_checkpoint:
             self.validation_rouge = ValidationRouge(self, model)
