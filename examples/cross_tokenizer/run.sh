@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Cross-tokenizer KD on the bundled Dolly subset (CPU, about 10 minutes): teacher and student have
+# Cross-tokenizer KD on the bundled Dolly subset (CPU, about 15 minutes): teacher and student have
 # different SentencePiece vocabularies (6,000 vs 4,000 pieces), so token-level KD cannot compare them
 # position by position.
 #   1. distill-prepare --teacher-spm-model   the student's data and, in DATA/teacher, the same rows in the
 #                                            teacher's tokenization (+ the vocabulary mapping for MinED)
 #   2. teacher                               kd_gpt2_mini trained on the teacher's tokenization
-#   3. students                              kd_gpt2_tiny from scratch: SFT, ULD, MinED (--teacher-data)
+#   3. students                              kd_gpt2_tiny from scratch: SFT, ULD, MinED, DSKD-CMA (--teacher-data)
 #   4. compare                               dev CE (nll_loss, the student's own tokens), Rouge-L, wall time
 # Outputs: data-bin/dolly-cross, checkpoints/dolly/cross_tokenizer/, results/cross_tokenizer/summary.md.
 # Environment knobs: TEACHER_UPDATES (default 150, examples/common.sh's), STUDENT_UPDATES (default 100), TEACHER_VOCAB (6000), SEEDS.
@@ -34,7 +34,7 @@ T_RUN[1]=$CROSS/teacher
   --save-dir "$X/teacher" 2>&1 | tee "$OUT/train_teacher.log" | show
 
 declare -A SECONDS_OF
-for run in sft uld min_ed; do
+for run in sft uld min_ed dskd_cma; do
   case $run in
     sft) extra=(--criterion cross_entropy) ;;
     *) extra=(--criterion "$run" --kd-ratio 0.5 --teacher-path "$X/teacher/checkpoint_best.pt"
@@ -49,10 +49,11 @@ for run in sft uld min_ed; do
 done
 
 step "4/4 compare"
-python - "$OUT" "${SECONDS_OF[sft]}" "${SECONDS_OF[uld]}" "${SECONDS_OF[min_ed]}" <<'PY'
+python - "$OUT" "${SECONDS_OF[sft]}" "${SECONDS_OF[uld]}" "${SECONDS_OF[min_ed]}" "${SECONDS_OF[dskd_cma]}" <<'PY'
 import json, re, sys
 out = sys.argv[1]
-secs = dict(zip(["sft", "uld", "min_ed"], (int(x) for x in sys.argv[2:5])))
+RUNS = ["sft", "uld", "min_ed", "dskd_cma"]
+secs = dict(zip(RUNS, (int(x) for x in sys.argv[2:6])))
 def last(path, tag):
     lines = [l for l in open(path) if tag in l]
     return dict(re.findall(r"\| (\w+) ([-\d.]+)", lines[-1])) if lines else {}
@@ -61,13 +62,14 @@ md = [f"teacher kd_gpt2_mini on its own {len(open('data-bin/dolly-cross/teacher/
       f"dictionary: dev ppl {teacher.get('ppl', '?')} (its own tokens)", "",
       "| student (kd_gpt2_tiny, 4,000 pieces) | train wall s | dev nll_loss (base 2) | dev ppl | aligned | Rouge-L |",
       "|---|---|---|---|---|---|"]
-names = {"sft": "SFT (no teacher)", "uld": "ULD (--criterion uld)", "min_ed": "MinED (--criterion min_ed)"}
-for run in ("sft", "uld", "min_ed"):
+names = {"sft": "SFT (no teacher)", "uld": "ULD (--criterion uld)", "min_ed": "MinED (--criterion min_ed)",
+         "dskd_cma": "DSKD-CMA (--criterion dskd_cma)"}
+for run in RUNS:
     v = last(f"{out}/train_{run}.log", "| valid on")
     train = last(f"{out}/train_{run}.log", "| train |")
     rouge = json.load(open(f"{out}/student_{run}.json"))
     score = f"{rouge['rouge_l']:.2f}"
-    md.append(f"| {names[run]} | {secs[run]} | {v.get('nll_loss', '?')} | {v.get('ppl', '?')} | "
+    md.append(f"| {names[run]} | {secs[run]} | {v.get('nll_loss', v.get('loss', '?'))} | {v.get('ppl', '?')} | "
               f"{train.get('aligned', '-')} | {score} |")
 open(f"{out}/summary.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))

@@ -66,7 +66,7 @@ def logged(log, key):
     return [float(x) for x in re.findall(rf"(?<![a-z_]){key}=([0-9.]+)", log)]
 
 
-@pytest.mark.parametrize("criterion", ["uld", "min_ed"])
+@pytest.mark.parametrize("criterion", ["uld", "min_ed", "dskd_cma"])
 def test_cross_tokenizer_student_trains_and_generates(criterion, cross_data, tmp_path):
     save = tmp_path / "ckpt"
     proc = train(cross_data["data"], save, "--criterion", criterion, "--kd-ratio", "1.0",
@@ -78,11 +78,16 @@ def test_cross_tokenizer_student_trains_and_generates(criterion, cross_data, tmp
     assert sum(kd[-5:]) < sum(kd[:5]), kd  # the divergence to the teacher goes down
     if criterion == "uld":
         assert all(a > 0.5 for a in aligned)  # the teacher's responses are mostly the longer
+    elif criterion == "dskd_cma":  # aligned: where argmax t2s is the label; the projections learn
+        assert sum(aligned[-5:]) > sum(aligned[:5]), aligned
     else:
         assert 0 < sum(aligned) / len(aligned) < 1 and all(0 <= a <= 1 for a in aligned), aligned
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["task_state"]["teachers"][0]["path"] == os.path.abspath(cross_data["teacher"])
     assert not any("teacher" in k for k in state["model"])
+    if criterion == "dskd_cma":  # the projections are the criterion's, saved with it
+        assert sorted(state["criterion"]) == sorted(f"projectors.{p}.{w}" for p in ("t2s", "s2t", "query")
+                                                    for w in ("weight", "bias"))
     # the student generates with its own data alone (no --teacher-data, no teacher)
     out = tmp_path / "gen"
     run([cli("fairseq-generate"), cross_data["data"], "--user-dir", USER_DIR,
@@ -125,3 +130,21 @@ def test_bad_cross_tokenizer_input(cross_data, data_bin, teacher_ckpt, tiny_json
         proc = run([cli("distill-prepare"), "--train", tiny_jsonl["train"], "--destdir", dest, *extra], check=False)
         assert_one_line_error(proc, needle)
         assert not dest.exists()
+
+
+def test_dskd_same_tokenizer_trains_and_resumes(data_bin, teacher_ckpt, tmp_path):
+    """dskd with the one-tokenizer teacher; a resumed run restores the projections (fairseq loads the
+    criterion's state strictly) and continues."""
+    save = tmp_path / "ckpt"
+    common = ("--criterion", "dskd", "--teacher-path", teacher_ckpt, "--dskd-divergence", "skew_kl")
+    proc = train(data_bin, save, *common, max_update=4)
+    log = proc.stdout + proc.stderr
+    first = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)["criterion"]
+    assert first["projectors.t2s.weight"].shape == (32, 48)  # teacher 48 dims -> student 32
+    assert len(logged(log, "s2t_kl")) == 4
+    proc = train(data_bin, save, *common, max_update=6)
+    log = proc.stdout + proc.stderr
+    assert re.search(r"[Ll]oaded checkpoint .*\(epoch \d+ @ 4 updates\)", log), log[-2000:]
+    assert logged(log, "s2t_kl") and "num_updates 6" in log
+    second = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)["criterion"]
+    assert not torch.equal(first["projectors.t2s.weight"], second["projectors.t2s.weight"])
