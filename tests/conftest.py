@@ -194,7 +194,7 @@ LONGEST_FIRST = [
     "cli/test_teacher_cache_cli.py", "hf/test_hf_errors.py", "generated/test_student_data_cli.py",
     "hf/test_hf_data_parallel.py", "cli/test_kd_impl.py", "distributed/test_minillm_data_parallel.py",
     "distributed/test_teacher_precision.py", "generated/test_buffer_resume_cli.py",
-    "minillm/test_minillm_resume.py", "benchmarks/test_benchmark_smoke.py",
+    "minillm/test_minillm_resume.py", "benchmarks/test_benchmark_smoke.py", "cli/test_cross_tokenizer_cli.py",
 ]
 
 

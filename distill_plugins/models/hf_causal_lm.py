@@ -95,8 +95,8 @@ def check_same_tokenizer(model_dir: str, meta: dict, data: str, role: str = "mod
         return
     if tokenizer_fingerprint(hfdir.load_tokenizer(model_dir)) != meta.get("fingerprint"):
         hint = (
-            "teacher and student must share one tokenizer token for token (distilling across tokenizers "
-            "needs cross-tokenizer KD, not supported yet)" if role == "teacher"
+            "teacher and student must share one tokenizer token for token, or use cross-tokenizer KD "
+            "(distill-prepare --teacher-hf-tokenizer, then --criterion uld, min_ed or dskd_cma with --teacher-data)" if role == "teacher"
             else f"prepare the data with distill-prepare --tokenizer hf --hf-tokenizer {model_dir}"
         )
         raise DistillError(f"the {role} {model_dir} has a different tokenizer than the data in {data}; {hint}")
