@@ -67,7 +67,18 @@ def dual_space_dims(task):
 
 
 class DualSpaceTerms:
-    """The three KD terms, summed, and their logging entries (shared by dskd and dskd_cma)."""
+    """What dskd and dskd_cma share: the projections (``cross_attention``: with the query one), the
+    three KD terms, summed, and their logging entries."""
+
+    cross_attention = False
+
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        try:
+            self.kd_divergence = get_divergence(cfg.dskd_divergence)
+        except ValueError as e:
+            raise DistillError(f"--dskd-divergence: {e}") from None
+        self.projectors = DualSpaceProjectors(*dual_space_dims(task), cross_attention=self.cross_attention)
 
     def kd_terms(self, student, t2s, s2t, teacher, labels, taught=None, teacher_scale=1.0):
         t2s_ce = F.cross_entropy(t2s, labels, reduction="sum")
@@ -97,19 +108,9 @@ class DualSpaceTerms:
             metrics.log_scalar("t2s_acc", total("t2s_correct") / n, n, round=3)
 
 
-def build_projectors(criterion, task, cross_attention: bool):
-    try:
-        criterion.kd_divergence = get_divergence(criterion.cfg.dskd_divergence)
-    except ValueError as e:
-        raise DistillError(f"--dskd-divergence: {e}") from None
-    criterion.projectors = DualSpaceProjectors(*dual_space_dims(task), cross_attention=cross_attention)
-
-
 @register_criterion("dskd", dataclass=DualSpaceKDConfig)
 class DualSpaceKDCriterion(DualSpaceTerms, TokenLevelKDCriterion):
-    def __init__(self, task, cfg):
-        super().__init__(task, cfg)
-        build_projectors(self, task, cross_attention=False)
+    cross_attention = False
 
     def plain_terms(self, model, sample, mask):
         out_s = output_layer(model, "student")
@@ -127,9 +128,7 @@ class DualSpaceKDCriterion(DualSpaceTerms, TokenLevelKDCriterion):
 
 @register_criterion("dskd_cma", dataclass=DualSpaceKDConfig)
 class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriterion):
-    def __init__(self, task, cfg):
-        super().__init__(task, cfg)
-        build_projectors(self, task, cross_attention=True)
+    cross_attention = True
 
     def plain_terms(self, model, sample, mask):
         side, pad_s, pad_t = sample["teacher"], self.padding_idx, self.teacher_pad
