@@ -12,7 +12,7 @@ from distill_plugins import divergences as D
 from distill_plugins.errors import DistillError
 from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 from distill_plugins.teacher import Teacher
-from test_cross_tokenizer import EXAMPLES, KD_RATIO, dictionary, setup  # noqa: F401  (the fixture)
+from test_cross_tokenizer import EXAMPLES, KD_RATIO, setup  # noqa: F401  (the fixture)
 
 DIVERGENCE = {"forward_kl": D.forward_kl, "skew_kl": D.skew_kl}
 
