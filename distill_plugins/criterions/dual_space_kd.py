@@ -150,7 +150,7 @@ class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriteri
         query = self.projectors.query(torch.cat([emb_s[src_s], emb_s[next_tokens(src_s, sample["target"], pad_s)]],
                                                 dim=-1).to(dtype))
         key = key.to(query.dtype)
-        t2s_hidden = cross_model_attention(query, key, src_t.ne(pad_t)) @ self.projectors.t2s(t_value_in.to(dtype)).float()
+        t2s_hidden = cross_model_attention(query, key, valid_t) @ self.projectors.t2s(t_value_in.to(dtype)).float()
         s2t_hidden = (cross_model_attention(key, query, src_s.ne(pad_s))
                       @ self.projectors.s2t(hidden_s.to(dtype)).float())
         t2s = readout(t2s_hidden[mask], out_s.weight.detach(), out_s.fixed)

@@ -7,12 +7,11 @@ the same rows in the same order (``DATA/teacher``). A batch is the student's usu
 dictionary). Batches are sized by the longer of the two tokenizations.
 """
 import numpy as np
-from fairseq.data import FairseqDataset
 
-from .prompt_response_dataset import PromptResponseDataset, collate_examples
+from .prompt_response_dataset import PromptResponseDataset, SizeOrderedDataset, collate_examples
 
 
-class PairedTokenizationDataset(FairseqDataset):
+class PairedTokenizationDataset(SizeOrderedDataset):
     def __init__(self, student: PromptResponseDataset, teacher: PromptResponseDataset):
         assert len(student) == len(teacher), "the two tokenizations differ in length"
         self.student, self.teacher = student, teacher
@@ -33,17 +32,3 @@ class PairedTokenizationDataset(FairseqDataset):
         teacher = collate_examples([s["teacher"] for s in samples], self.teacher.pad)
         sample["teacher"] = {k: teacher[k] for k in ("net_input", "target", "prompt_lengths", "ntokens")}
         return sample
-
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def size(self, index):
-        return int(self.sizes[index])
-
-    def ordered_indices(self):
-        order = np.random.permutation(len(self)) if self.shuffle else np.arange(len(self))
-        return order[np.argsort(self.sizes[order], kind="mergesort")]
-
-    @property
-    def supports_prefetch(self):
-        return False

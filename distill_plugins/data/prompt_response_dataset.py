@@ -42,7 +42,25 @@ def collate_examples(samples, pad: int):
     }
 
 
-class PromptResponseDataset(FairseqDataset):
+class SizeOrderedDataset(FairseqDataset):
+    """Examples of ``self.sizes`` tokens, batched in size order (shuffled first when ``self.shuffle``)."""
+
+    def num_tokens(self, index):
+        return int(self.sizes[index])
+
+    def size(self, index):
+        return int(self.sizes[index])
+
+    def ordered_indices(self):
+        order = np.random.permutation(len(self)) if self.shuffle else np.arange(len(self))
+        return order[np.argsort(self.sizes[order], kind="mergesort")]
+
+    @property
+    def supports_prefetch(self):
+        return False
+
+
+class PromptResponseDataset(SizeOrderedDataset):
     def __init__(self, prompts, responses, dictionary, max_len: int = 512, shuffle: bool = True):
         assert len(prompts) == len(responses), "prompt and response datasets differ in length"
         self.prompts, self.responses = prompts, responses
@@ -68,22 +86,6 @@ class PromptResponseDataset(FairseqDataset):
             return {}
         return collate_examples(samples, self.pad)
 
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def size(self, index):
-        return int(self.sizes[index])
-
-    def ordered_indices(self):
-        if self.shuffle:
-            order = np.random.permutation(len(self))
-        else:
-            order = np.arange(len(self))
-        return order[np.argsort(self.sizes[order], kind="mergesort")]
-
-    @property
-    def supports_prefetch(self):
-        return False
 
 
 def prompt_batch(sample, pad: int):

@@ -152,6 +152,7 @@ class InstructionDistillationTask(FairseqTask):
         self.restored_state: Optional[dict] = None  # the resumed checkpoint's task state, read at the first step
         self._warned_length_limit = False  # prompts that fill --max-len-b: warned once (inference_step)
         self.teacher_task = None  # --teacher-data: the task of the teacher's tokenization (teacher_side_task)
+        self.student_hidden_dim = None  # what the student's output layer reads (build_model; dual-space KD)
 
     @classmethod
     def setup_task(cls, cfg: InstructionDistillationConfig, **kwargs):
@@ -275,7 +276,8 @@ class InstructionDistillationTask(FairseqTask):
         name = getattr(cfg, "_name", None)
         cross = getattr(CRITERION_REGISTRY.get(name), "cross_tokenizer", False)
         if self.cfg.teacher_data and not cross:
-            raise DistillError(f"--teacher-data is for cross-tokenizer criterions (uld, min_ed, dskd_cma); {name} compares "
+            across = ", ".join(sorted(n for n, c in CRITERION_REGISTRY.items() if getattr(c, "cross_tokenizer", False)))
+            raise DistillError(f"--teacher-data is for cross-tokenizer criterions ({across}); {name} compares "
                                "teacher and student token by token in one vocabulary: drop --teacher-data")
         if cross and not self.cfg.teacher_data:
             raise DistillError(f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the "
