@@ -28,7 +28,16 @@ def main(argv=None):
     sys.argv = ["fairseq-train", *argv, *distributed_arguments(os.environ)]
     from fairseq_cli.train import cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        # The interpreter would print the message and its newline in two writes, so the workers'
+        # lines could interleave on the shared stderr; one write per line keeps them whole.
+        sys.stderr.write(e.code + "\n")
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 if __name__ == "__main__":
