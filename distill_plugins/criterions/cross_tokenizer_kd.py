@@ -1,4 +1,4 @@
-"""Base of the cross-tokenizer criterions (``uld``, ``min_ed``): teacher and student tokenize the
+"""Base of the cross-tokenizer criterions (``uld``, ``min_ed``, ``dskd_cma``, ``multi_cost_ot``): teacher and student tokenize the
 same example differently, so their label positions and vocabularies differ.
 
     loss = (1 - kd_ratio) * CE(student, labels) + kd_ratio * D
@@ -10,8 +10,13 @@ response tokens, the ``--lm-data`` term and the logged ``loss``/``nll_loss``/``k
 of ``token_level_kd``. The loss is computed in its plain form (full float32 logits of both models at
 the response tokens); ``--kd-impl`` does not apply.
 """
+import json
+import os
+
 import torch
 
+from ..errors import DistillError
+from ..token_alignment import ALIGNMENT_FILE
 from .token_level_kd import TokenLevelKDCriterion
 
 
@@ -27,6 +32,36 @@ def rows_by_example(mask: torch.Tensor):
     """Slices of ``x[mask]`` by row of ``mask``: [(start, end)] for every row."""
     ends = mask.sum(1).cumsum(0).tolist()
     return list(zip([0] + ends[:-1], ends))
+
+
+def padded_rows(x: torch.Tensor, mask: torch.Tensor):
+    """``x`` = rows at ``mask`` [B, T] ([N, ...], the order of ``y[mask]``) -> ([B, L, ...] with L the
+    most rows of one example, zeros after each example's own; [B, L] True at its rows)."""
+    rows, ranks = row_ranks(mask)
+    counts = mask.sum(1)
+    longest = int(counts.max()) if counts.numel() else 0
+    out = x.new_zeros((mask.size(0), longest, *x.shape[1:]))
+    out = out.index_put((rows, ranks), x)
+    valid = torch.arange(longest, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    return out, valid
+
+
+def load_alignment(task):
+    """(student token strings, teacher token strings, teacher -> student id mapping) from the
+    ``alignment.json`` of ``--teacher-data`` (written by distill-prepare), checked against the data's
+    dictionaries."""
+    path = os.path.join(task.cfg.teacher_data, ALIGNMENT_FILE)
+    if not os.path.isfile(path):
+        raise DistillError(f"{task.cfg.teacher_data} has no {ALIGNMENT_FILE}; prepare the data with distill-prepare "
+                           "--teacher-spm-model/--teacher-hf-tokenizer")
+    with open(path, encoding="utf-8") as f:
+        alignment = json.load(f)
+    student, teacher = alignment["student_tokens"], alignment["teacher_tokens"]
+    teacher_dict = task.teacher_side_task().dictionary
+    if len(student) != len(task.dictionary) or len(teacher) != len(teacher_dict):
+        raise DistillError(f"{path} was made for other dictionaries (sizes {len(student)}/{len(teacher)}, the data "
+                           f"has {len(task.dictionary)}/{len(teacher_dict)}); prepare the data again")
+    return student, teacher, alignment["teacher_to_student"]
 
 
 class CrossTokenizerKDCriterion(TokenLevelKDCriterion):

@@ -25,6 +25,7 @@ where argmax t2s is the label). DSKD gives the projections their own learning ra
 """
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,10 @@ class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriteri
     cross_attention = True
 
     def plain_terms(self, model, sample, mask):
+        out = self.cross_attention_terms(model, sample, mask)
+        return out.student, out.kd, out.extra
+
+    def cross_attention_terms(self, model, sample, mask) -> "CrossAttentionTerms":
         side, pad_s, pad_t = sample["teacher"], self.padding_idx, self.teacher_pad
         src_s, src_t = sample["net_input"]["src_tokens"], side["net_input"]["src_tokens"]
         t_mask = side["target"].ne(pad_t)
@@ -159,4 +164,16 @@ class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriteri
         n_s, n_t = int(mask.sum()), max(int(t_mask.sum()), 1)
         kd, extra = self.kd_terms(student, t2s, s2t, teacher, sample["target"][mask], taught="correct",
                                   teacher_scale=n_s / n_t)
-        return student, kd, extra
+        return CrossAttentionTerms(student, kd, extra, hidden_s, hidden_t, teacher, t_mask)
+
+
+class CrossAttentionTerms(NamedTuple):
+    """What ``dskd_cma`` computes, for criterions that add terms on top of it (``multi_cost_ot``)."""
+
+    student: torch.Tensor  # the student's logits at its labels [N_s, V_s]
+    kd: torch.Tensor  # the summed DSKD-CMA KD term
+    extra: dict  # its logging entries
+    hidden_s: torch.Tensor  # the student's last hidden states [B, T_s, d_s]
+    hidden_t: torch.Tensor  # the teacher's [B, T_t, d_t]
+    teacher: torch.Tensor  # the teacher's logits at its labels [N_t, V_t]
+    teacher_mask: torch.Tensor  # [B, T_t]: the teacher's label positions

@@ -11,16 +11,12 @@ is taught a one-hot "teacher" on itself (logit 100, -1e5 elsewhere). D = sum of
 ``forward_kl(student, that teacher, --temperature)``. ``aligned_tokens`` logs the labels taught by
 the teacher. Alignments are kept per example (they depend on its tokens only).
 """
-import json
-import os
-
 import torch
 from fairseq.criterions import register_criterion
 
 from ..divergences import forward_kl
-from ..errors import DistillError
-from ..token_alignment import ALIGNMENT_FILE, dtw_alignment
-from .cross_tokenizer_kd import CrossTokenizerKDCriterion, rows_by_example
+from ..token_alignment import dtw_alignment
+from .cross_tokenizer_kd import CrossTokenizerKDCriterion, load_alignment, rows_by_example
 from .token_level_kd import TokenLevelKDConfig
 
 UNMAPPED_LOGIT = -1e5
@@ -50,20 +46,7 @@ def teacher_in_student_vocab(teacher_rows, teacher_to_student, student_vocab: in
 class MinEditDistanceKDCriterion(CrossTokenizerKDCriterion):
     def __init__(self, task, cfg):
         super().__init__(task, cfg)
-        path = os.path.join(task.cfg.teacher_data, ALIGNMENT_FILE)
-        if not os.path.isfile(path):
-            raise DistillError(f"{task.cfg.teacher_data} has no {ALIGNMENT_FILE}; prepare the data with distill-prepare "
-                               "--teacher-spm-model/--teacher-hf-tokenizer")
-        with open(path, encoding="utf-8") as f:
-            alignment = json.load(f)
-        self.student_tokens = alignment["student_tokens"]
-        self.teacher_tokens = alignment["teacher_tokens"]
-        self.teacher_to_student = alignment["teacher_to_student"]
-        teacher_dict = task.teacher_side_task().dictionary
-        if len(self.student_tokens) != len(task.dictionary) or len(self.teacher_tokens) != len(teacher_dict):
-            raise DistillError(f"{path} was made for other dictionaries (sizes {len(self.student_tokens)}/"
-                               f"{len(self.teacher_tokens)}, the data has {len(task.dictionary)}/{len(teacher_dict)}); "
-                               "prepare the data again")
+        self.student_tokens, self.teacher_tokens, self.teacher_to_student = load_alignment(task)
         self.mapping = torch.tensor(self.teacher_to_student, dtype=torch.long)
         self._rows_cache = {}
 

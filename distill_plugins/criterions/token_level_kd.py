@@ -153,7 +153,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
 
     def plain_terms(self, model, sample, mask):
         """The plain form: the student's logits at ``mask`` [N, V], the summed KD term and extra
-        logging entries; criterions that need more of the student than its logits override this."""
+        logging entries; criterions that need more of the student than its logits override this.
+        An entry ``unmixed_loss`` (a summed tensor) is added to the loss outside the CE/KD mix and
+        not logged (``multi_cost_ot``'s OT terms, which have their own weights)."""
         student = model(**sample["net_input"])[0][mask]
         kd, extra = self.kd_term(student, sample, mask)
         return student, kd, extra
@@ -224,6 +226,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
             student, kd, extra = self.plain_terms(model, sample, mask)
             ce = F.cross_entropy(student.float(), labels, reduction="sum")
             loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
+            unmixed = extra.pop("unmixed_loss", None)
+            if unmixed is not None:
+                loss = loss + unmixed
         ntokens = labels.numel()  # known since target[mask]; int(mask.sum()) would wait for the GPU here
         lm = sample.get("lm")
         if lm is not None:

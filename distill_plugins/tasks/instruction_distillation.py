@@ -431,6 +431,8 @@ class InstructionDistillationTask(FairseqTask):
     # -- student-generated data (--student-data-mode) -----------------------------------------------
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self.restore_training_state(update_num)
+        if hasattr(criterion, "set_num_updates"):  # on every worker and micro-batch: may hold a collective
+            criterion.set_num_updates(update_num)
         extra = {}
         if self.student_data is not None:  # may replace the batch by student generations or a replay
             sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num)

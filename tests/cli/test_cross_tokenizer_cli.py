@@ -66,16 +66,23 @@ def logged(log, key):
     return [float(x) for x in re.findall(rf"(?<![a-z_]){key}=([0-9.]+)", log)]
 
 
-@pytest.mark.parametrize("criterion", ["uld", "min_ed", "dskd_cma"])
+@pytest.mark.parametrize("criterion", ["uld", "min_ed", "dskd_cma", "multi_cost_ot"])
 def test_cross_tokenizer_student_trains_and_generates(criterion, cross_data, tmp_path):
     save = tmp_path / "ckpt"
+    # multi_cost_ot: MCW-KD's cost weights re-solved every 10 updates
+    extra = ["--ot-weight-update-interval", "10"] if criterion == "multi_cost_ot" else []
     proc = train(cross_data["data"], save, "--criterion", criterion, "--kd-ratio", "1.0",
                  "--teacher-path", cross_data["teacher"], "--teacher-data", cross_data["teacher_data"],
-                 "--lr", "1e-2", max_update=40)
+                 "--lr", "1e-2", *extra, max_update=40)
     log = proc.stdout + proc.stderr
     kd, aligned = logged(log, "kd_loss"), logged(log, "aligned")
     assert len(kd) == len(aligned) == 40, log[-3000:]
     assert sum(kd[-5:]) < sum(kd[:5]), kd  # the divergence to the teacher goes down
+    if criterion == "multi_cost_ot":
+        ot_logit, ot_hidden, w_kl = logged(log, "ot_logit"), logged(log, "ot_hidden"), logged(log, "w_logit_kl")
+        assert len(ot_logit) == len(ot_hidden) == len(w_kl) == 40
+        assert sum(ot_hidden[-5:]) < sum(ot_hidden[:5]), ot_hidden  # the OT terms are trained too
+        assert set(w_kl[:10]) == {0.5} and len(set(w_kl[10:])) > 1, w_kl  # fixed until update 10, then re-solved
     if criterion == "uld":
         assert all(a > 0.5 for a in aligned)  # the teacher's responses are mostly the longer
     elif criterion == "dskd_cma":  # aligned: where argmax t2s is the label; the projections learn
@@ -85,9 +92,26 @@ def test_cross_tokenizer_student_trains_and_generates(criterion, cross_data, tmp
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["task_state"]["teachers"][0]["path"] == os.path.abspath(cross_data["teacher"])
     assert not any("teacher" in k for k in state["model"])
-    if criterion == "dskd_cma":  # the projections are the criterion's, saved with it
-        assert sorted(state["criterion"]) == sorted(f"projectors.{p}.{w}" for p in ("t2s", "s2t", "query")
-                                                    for w in ("weight", "bias"))
+    if criterion in ("dskd_cma", "multi_cost_ot"):  # the projections are the criterion's, saved with it
+        want = [f"projectors.{p}.{w}" for p in ("t2s", "s2t", "query") for w in ("weight", "bias")]
+        if criterion == "multi_cost_ot":
+            want += [f"ot.{p}.{w}" for p in ("teacher", "salience") for w in ("weight", "bias")]
+            want += ["logit_cost_weights", "hidden_cost_weights", "cost_sums", "cost_batches"]
+            weights = state["criterion"]["logit_cost_weights"]
+            assert weights.sum().item() == pytest.approx(1.0) and weights.tolist() == pytest.approx(
+                [w_kl[-1] if i == 1 else weights[i].item() for i in range(3)], abs=1e-3)
+        assert sorted(state["criterion"]) == sorted(want)
+    if criterion == "multi_cost_ot":  # resumed at update 40: first the re-solve due there, from the saved cost sums
+        from distill_plugins.optimal_transport import simplex_weights
+
+        sums, batches = state["criterion"]["cost_sums"], state["criterion"]["cost_batches"]
+        assert batches == 10  # updates 31-40
+        due = simplex_weights(sums[:3] / batches, 0.7)
+        proc = train(cross_data["data"], save, "--criterion", criterion, "--kd-ratio", "1.0",
+                     "--teacher-path", cross_data["teacher"], "--teacher-data", cross_data["teacher_data"],
+                     "--lr", "1e-2", *extra, max_update=42)
+        resumed = logged(proc.stdout + proc.stderr, "w_logit_kl")
+        assert len(resumed) == 2 and resumed[0] == pytest.approx(due[1].item(), abs=1e-3), (resumed, due)
     # the student generates with its own data alone (no --teacher-data, no teacher)
     out = tmp_path / "gen"
     run([cli("fairseq-generate"), cross_data["data"], "--user-dir", USER_DIR,
