@@ -3,8 +3,8 @@
 
 * ``sinkhorn_plan``: the transport plan P with uniform marginals 1/M (rows) and 1/N (columns) of
   the valid positions, for the Gibbs kernel K = exp(-alpha * C) (the reference's ETP convention:
-  alpha = 1 / epsilon, default 0.1), computed in the log domain so that any alpha and cost scale is
-  safe. Padding rows and columns get no mass.
+  alpha = 1 / epsilon, default 0.1), in the plain domain where the kernel cannot underflow and in
+  the log domain elsewhere, so any alpha and cost scale is safe. Padding rows and columns get no mass.
 * ``transport_cost``: sum(P * C) per sequence with P held fixed: its gradient in C is P, the
   envelope gradient of the entropic OT value (what POT's ``sinkhorn2`` returns), so no gradient
   runs back through the iterations.
@@ -12,10 +12,13 @@
   log-probabilities: KL(x_i || y_j) = sum p_i (log p_i - log q_j), one batched matmul, no [M, N, d]
   tensor), ``cosine_cost``, and ``absolute_cost`` of scalars.
 * ``window_means``: the mean of each position's +-w neighbours within its sequence's valid positions.
+* ``logit_transport`` and ``hidden_transport``: MC-KD's two OT terms from padded inputs
+  (``criterions/multi_cost_ot.py`` says what they compute).
 * ``simplex_weights``: MCW-KD's cost-weight QP, min_a c.a + sigma |a - 1/n|^2 s.t. sum a = 1,
   a >= floor, solved exactly (a Euclidean projection onto the shifted simplex) instead of by cvxpy.
 """
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -24,31 +27,58 @@ def pair_mask(rows: Tensor, cols: Tensor) -> Tensor:
     return rows.unsqueeze(2) & cols.unsqueeze(1)
 
 
+PLAIN_DOMAIN_RANGE = 50.0  # alpha * (cost range) up to which exp(-alpha C) is safe in float32 (exp(-50) ~ 2e-22)
+
+
 def sinkhorn_plan(cost: Tensor, rows: Tensor, cols: Tensor, alpha: float = 0.1, max_iter: int = 100,
-                  tol: float = 1e-9) -> Tensor:
-    """Entropic OT plan [B, M, N] (float32 or the cost's wider dtype) between the valid rows and
-    columns of ``cost``; a sequence without valid rows or columns gets an all-zero plan."""
+                  tol: float = 1e-6) -> Tensor:
+    """Entropic OT plan [B, M, N] (float32, or float64 for a float64 cost) between the valid rows and
+    columns of ``cost``; a sequence without valid rows or columns gets an all-zero plan. Stops once
+    every sequence's marginals are within ``tol`` (L1; checked every 10 iterations) or after
+    ``max_iter`` iterations. The kernel's plain-domain iterations (two batched mat-vecs each) run
+    when alpha * (cost range) <= 50, else the log-domain ones (two logsumexps each): the same plan."""
     cost = cost.detach()
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     valid = pair_mask(rows, cols)
-    log_k = (-alpha * cost.to(dtype)).masked_fill(~valid, float("-inf"))
-    n_rows = rows.sum(1, keepdim=True).to(dtype)
-    n_cols = cols.sum(1, keepdim=True).to(dtype)
-    log_a = torch.where(rows, -n_rows.clamp_min(1).log(), float("-inf"))  # [B, M]
-    log_b = torch.where(cols, -n_cols.clamp_min(1).log(), float("-inf"))  # [B, N]
-    f = torch.zeros_like(log_a)
-    g = torch.zeros_like(log_b)
+    cost = cost.to(dtype).masked_fill(~valid, 0.0)
+    a = rows.to(dtype) / rows.sum(1, keepdim=True).clamp_min(1).to(dtype)  # [B, M], 0 at padding
+    b = cols.to(dtype) / cols.sum(1, keepdim=True).clamp_min(1).to(dtype)  # [B, N]
+    low = cost.masked_fill(~valid, float("inf")).amin((1, 2), keepdim=True)
+    high = cost.masked_fill(~valid, float("-inf")).amax((1, 2), keepdim=True)
+    spread = (high - low).masked_fill(~valid.any(2).any(1).view(-1, 1, 1), 0.0)
+    if float(alpha * spread.max()) <= PLAIN_DOMAIN_RANGE:
+        plan = _sinkhorn_plain(torch.exp(-alpha * (cost - low.nan_to_num(0.0, 0.0, 0.0))) * valid, a, b, max_iter, tol)
+    else:
+        plan = _sinkhorn_log((-alpha * cost).masked_fill(~valid, float("-inf")), a, b, rows, cols, max_iter, tol)
+    return plan.masked_fill(~valid, 0.0).nan_to_num(0.0)
+
+
+def _sinkhorn_plain(kernel: Tensor, a: Tensor, b: Tensor, max_iter: int, tol: float) -> Tensor:
+    tiny = torch.finfo(kernel.dtype).tiny
+    u = a.clone()
+    for it in range(max_iter):
+        v = b / (kernel.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
+        kv = (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        u = a / kv.clamp_min(tiny)
+        if tol > 0 and (it % 10 == 9 or it == max_iter - 1):  # rows are exact now; the columns?
+            col_mass = v * (kernel.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+            if float((col_mass - b).abs().sum(1).max()) < tol:
+                break
+    return u.unsqueeze(2) * kernel * v.unsqueeze(1)
+
+
+def _sinkhorn_log(log_k: Tensor, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, max_iter: int, tol: float) -> Tensor:
+    log_a = torch.where(rows, a.log(), float("-inf"))
+    log_b = torch.where(cols, b.log(), float("-inf"))
+    f, g = torch.zeros_like(log_a), torch.zeros_like(log_b)
     for it in range(max_iter):
         f = torch.where(rows, log_a - torch.logsumexp(log_k + g.unsqueeze(1), dim=2), float("-inf"))
         g = torch.where(cols, log_b - torch.logsumexp(log_k + f.unsqueeze(2), dim=1), float("-inf"))
         if tol > 0 and (it % 10 == 9 or it == max_iter - 1):
-            # columns are exact after the g step; stop once the rows are too
-            row_mass = torch.logsumexp(log_k + g.unsqueeze(1), dim=2) + f
-            err = (row_mass.exp() - log_a.exp()).masked_fill(~rows, 0).abs().sum(1).max()
-            if float(err) < tol:
+            row_mass = (torch.logsumexp(log_k + g.unsqueeze(1), dim=2) + f).exp()
+            if float((row_mass - a).masked_fill(~rows, 0).abs().sum(1).max()) < tol:
                 break
-    plan = (f.unsqueeze(2) + log_k + g.unsqueeze(1)).exp()
-    return plan.masked_fill(~valid, 0.0).nan_to_num(0.0)
+    return (f.unsqueeze(2) + log_k + g.unsqueeze(1)).exp()
 
 
 def transport_cost(cost: Tensor, rows: Tensor, cols: Tensor, **sinkhorn) -> Tensor:
@@ -114,3 +144,35 @@ def simplex_weights(costs: Tensor, sigma: float, floor: float = 0.01) -> Tensor:
     rho = int((u - css / k > 0).nonzero().max()) + 1
     theta = css[rho - 1] / rho
     return ((y - theta).clamp_min(0) + floor).to(costs.dtype)
+
+
+def logit_transport(s_top: Tensor, t_top: Tensor, s_valid: Tensor, t_valid: Tensor, partner: Tensor, sal_s: Tensor,
+                    sal_t: Tensor, weights: Tensor, t: float, temperature: float, **sinkhorn):
+    """MC-KD's OT_logit per example [B] and its cost matrices [B, M, N] (Euclidean, KL, salience).
+
+    ``s_top`` [B, N, k] / ``t_top`` [B, M, k]: each label position's sorted top-k logits (valid where
+    ``s_valid`` / ``t_valid``); ``partner`` [B, M]: the student position each teacher position is
+    interpolated with, (1 - t) sg(s) + t t (-1: none, the teacher's own); ``sal_*``: salience [B, *]."""
+    if t < 1.0:
+        k = s_top.size(-1)
+        partner_top = s_top.detach().gather(1, partner.clamp_min(0).unsqueeze(-1).expand(-1, -1, k))
+        t_top = torch.where(partner.ge(0).unsqueeze(-1), (1.0 - t) * partner_top + t * t_top, t_top)
+    logp_s = F.log_softmax(s_top / temperature, dim=-1).masked_fill(~s_valid.unsqueeze(-1), 0.0)
+    logp_t = F.log_softmax(t_top / temperature, dim=-1).masked_fill(~t_valid.unsqueeze(-1), 0.0)
+    costs = [euclidean_cost(logp_t.exp(), logp_s.exp()), kl_cost(logp_t, logp_s), absolute_cost(sal_t, sal_s)]
+    total = sum(w * c for w, c in zip(weights, costs))
+    return transport_cost(total, t_valid, s_valid, **sinkhorn), costs
+
+
+def hidden_transport(h_s: Tensor, h_t: Tensor, s_valid: Tensor, t_valid: Tensor, edit: Tensor, weights: Tensor,
+                     window: int, **sinkhorn):
+    """MC-KD's OT_hidden per example [B] and its cost matrices [B, M, N] (edit, context distance /
+    its per-example max (held fixed), context cosine), from hidden states ``h_s`` [B, N, d] and
+    ``h_t`` [B, M, d] (the teacher's projected) and the edit costs ``edit`` [B, M, N]."""
+    ctx_s, ctx_t = window_means(h_s, s_valid, window), window_means(h_t, t_valid, window)
+    valid = pair_mask(t_valid, s_valid)
+    distance = euclidean_cost(ctx_t, ctx_s)
+    scale = distance.detach().masked_fill(~valid, 0).amax((1, 2), keepdim=True).clamp_min(1e-7)
+    costs = [edit, distance / scale, cosine_cost(ctx_t, ctx_s)]
+    total = sum(w * c for w, c in zip(weights, costs))
+    return transport_cost(total, t_valid, s_valid, **sinkhorn), costs

@@ -34,8 +34,16 @@ def batch(costs, m_max, n_max):
     return out, rows, cols
 
 
+@pytest.fixture(params=["plain", "log"])
+def domain(request, monkeypatch):
+    """Both iterations: the plain-domain kernel (where it cannot underflow) and the log domain."""
+    if request.param == "log":
+        monkeypatch.setattr(OT, "PLAIN_DOMAIN_RANGE", -1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("alpha", [0.1, 1.0, 5.0])
-def test_sinkhorn_plan_matches_the_plain_iterations_with_padding(alpha):
+def test_sinkhorn_plan_matches_the_plain_iterations_with_padding(alpha, domain):
     g = np.random.default_rng(0)
     shapes = [(3, 5), (6, 2), (1, 1), (6, 5)]
     costs = [g.uniform(0, 2, s) for s in shapes]
@@ -65,7 +73,7 @@ def test_sinkhorn_plan_tends_to_the_optimal_assignment_and_stays_finite():
     np.testing.assert_allclose(plan[0].numpy(), want, atol=1e-4)
 
 
-def test_empty_sequences_transport_nothing():
+def test_empty_sequences_transport_nothing(domain):
     cost = torch.rand(3, 4, 5)
     rows = torch.tensor([[True, True, False, False], [False] * 4, [True] * 4])
     cols = torch.tensor([[False] * 5, [True] * 5, [True] * 5])
@@ -77,7 +85,7 @@ def test_empty_sequences_transport_nothing():
     assert total[0] == 0 and total[1] == 0 and torch.isfinite(cost.grad).all()
 
 
-def test_transport_cost_gradient_is_the_plan():
+def test_transport_cost_gradient_is_the_plan(domain):
     cost = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
     rows, cols = torch.ones(2, 3, dtype=torch.bool), torch.tensor([[True] * 4, [True, True, False, False]])
     value = OT.transport_cost(cost, rows, cols, alpha=0.5)

@@ -41,16 +41,13 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 from omegaconf import II
 from torch import nn
 
 from ..errors import check
-from ..optimal_transport import (
-    absolute_cost, cosine_cost, euclidean_cost, kl_cost, pair_mask, simplex_weights, transport_cost, window_means,
-)
+from ..optimal_transport import hidden_transport, logit_transport, pair_mask, simplex_weights
 from ..token_alignment import dtw_alignment, edit_distance, normalize_token
 from .cross_tokenizer_kd import load_alignment, padded_rows, rows_by_example
 from .dual_space_kd import DualSpaceKDConfig, DualSpaceKDCrossAttentionCriterion, dual_space_dims
@@ -214,29 +211,15 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
         k = min(self.cfg.ot_top_k, student.size(-1), teacher.size(-1))
         s_top, s_valid = padded_rows(top_logits(student, k), mask)  # [B, N, k]
         t_top, t_valid = padded_rows(top_logits(teacher, k), t_mask)  # [B, M, k]
-        t = self.interpolation()
-        if t < 1.0:
-            partner_top = s_top.detach().gather(1, partner.clamp_min(0).unsqueeze(-1).expand(-1, -1, k))
-            mixed = (1.0 - t) * partner_top + t * t_top
-            t_top = torch.where(partner.ge(0).unsqueeze(-1), mixed, t_top)
-        tau = self.cfg.ot_temperature
-        logp_s, logp_t = F.log_softmax(s_top / tau, dim=-1), F.log_softmax(t_top / tau, dim=-1)
-        logp_s, logp_t = logp_s.masked_fill(~s_valid.unsqueeze(-1), 0.0), logp_t.masked_fill(~t_valid.unsqueeze(-1), 0.0)
         sal_s = torch.sigmoid(self.ot.salience(h_s)).squeeze(-1).float()
         sal_t = torch.sigmoid(self.ot.salience(h_t)).squeeze(-1).float()
-        costs = [euclidean_cost(logp_t.exp(), logp_s.exp()), kl_cost(logp_t, logp_s), absolute_cost(sal_t, sal_s)]
-        total = sum(w * c for w, c in zip(self.logit_cost_weights.float(), costs))
-        return transport_cost(total, t_valid, s_valid, **self.sinkhorn()), costs
+        return logit_transport(s_top, t_top, s_valid, t_valid, partner, sal_s, sal_t, self.logit_cost_weights.float(),
+                               self.interpolation(), self.cfg.ot_temperature, **self.sinkhorn())
 
     def hidden_transport(self, h_s, h_t, s_valid, t_valid, edit):
         """OT_hidden per example [B] and its three cost matrices [B, M, N]."""
-        ctx_s, ctx_t = window_means(h_s, s_valid, self.cfg.ot_window), window_means(h_t, t_valid, self.cfg.ot_window)
-        valid = pair_mask(t_valid, s_valid)
-        distance = euclidean_cost(ctx_t, ctx_s)
-        scale = distance.detach().masked_fill(~valid, 0).amax((1, 2), keepdim=True).clamp_min(1e-7)
-        costs = [edit, distance / scale, cosine_cost(ctx_t, ctx_s)]
-        total = sum(w * c for w, c in zip(self.hidden_cost_weights.float(), costs))
-        return transport_cost(total, t_valid, s_valid, **self.sinkhorn()), costs
+        return hidden_transport(h_s, h_t, s_valid, t_valid, edit, self.hidden_cost_weights.float(), self.cfg.ot_window,
+                                **self.sinkhorn())
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

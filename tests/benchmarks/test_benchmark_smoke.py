@@ -125,3 +125,14 @@ def test_minillm_terms_benchmark_reports_fused_and_plain(tmp_path):
     for term in ("reg_loss", "pt_loss"):  # the same loss on both paths
         assert abs(data["results"]["fused"][term] - data["results"]["plain"][term]) <= 1e-5 * abs(data["results"]["plain"][term])
     assert positive(data["ratios"]["peak_memory fused/plain"]) and "| fused |" in table
+
+
+def test_ot_terms_benchmark_reports_ours_and_reference(tmp_path):
+    data, table = bench("ot_terms", tmp_path, "--repeats", "1", "--warmup", "0")
+    assert set(data["results"]) == {"reference", "ours"}
+    for name, res in data["results"].items():
+        for key in ("step_s", "cpu_s", "tokens_per_s", "peak_extra_mib"):
+            assert positive(res[key]), (name, key, res)
+    assert positive(data["ratios"]["tokens_per_s ours/reference"])
+    assert data["ratios"]["max relative difference of the terms"] < 1e-3  # the same terms (Sinkhorn's tolerance)
+    assert "| ours |" in table and "| reference |" in table
