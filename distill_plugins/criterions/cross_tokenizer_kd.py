@@ -1,20 +1,27 @@
-"""Base of the cross-tokenizer criterions (``uld``, ``min_ed``, ``dskd_cma``, ``multi_cost_ot``): teacher and student tokenize the
-same example differently, so their label positions and vocabularies differ.
+"""Base of the cross-tokenizer criterions (``uld``, ``min_ed``, ``dskd_cma``, ``multi_cost_ot``): teacher
+and student tokenize the same example differently, so their label positions and vocabularies differ.
 
     loss = (1 - kd_ratio) * CE(student, labels) + kd_ratio * D
 
 The teacher runs on its own tokenization (``sample["teacher"]``, from ``--teacher-data``;
-``data/paired_tokenizations.py``); a subclass's ``cross_kd`` turns the student's and the teacher's
-logits at their response labels into the summed KD term D. CE, ``sample_size`` = the student's
-response tokens, the ``--lm-data`` term and the logged ``loss``/``nll_loss``/``kd_loss`` are those
-of ``token_level_kd``. The loss is computed in its plain form (full float32 logits of both models at
-the response tokens); ``--kd-impl`` does not apply.
+``data/paired_tokenizations.py``). CE, ``sample_size`` = the student's response tokens, the
+``--lm-data`` term and the logged ``loss``/``nll_loss``/``kd_loss`` are those of ``token_level_kd``.
+
+A subclass says which teacher label teaches each student label (``teacher_index``) and what the
+divergence of a student row and its teacher row is (``divergence(student, (teacher rows, taught,
+labels))``; the untaught rows' teacher rows are placeholders). ``--kd-impl`` picks the form, as for the one-tokenizer losses (same
+values and gradients): ``plain`` materialises both models' float32 logits at the response tokens
+(``kd_term``, the reference form), ``chunked`` takes ``--kd-chunk-size`` student rows at a time,
+each with its teacher rows, and ``fused`` also makes the student's and the teacher's logits from
+their hidden states a chunk at a time (``TaughtRows``), so neither exists beyond a chunk.
 """
 import json
 import os
+from typing import NamedTuple
 
 import torch
 
+from ..chunked_divergences import ProjectedLogits, TeacherSource, teacher_rows
 from ..errors import DistillError
 from ..token_alignment import ALIGNMENT_FILE
 from .token_level_kd import TokenLevelKDCriterion
@@ -64,6 +71,30 @@ def load_alignment(task):
     return student, teacher, alignment["teacher_to_student"]
 
 
+class TaughtRows(NamedTuple):
+    """The teacher's rows for the student's label rows, made a chunk at a time: ``rows(start, end)``
+    gives (teacher logits [n, V_t] of the teacher label teaching each student row in [start, end)
+    (untaught rows get the teacher's first row, to be ignored), taught [n] bool, the student's labels [n])."""
+
+    source: TeacherSource  # the teacher's logits at its labels [N_t, V_t] (tensor or ProjectedLogits)
+    index: torch.Tensor  # [N_s]: the teacher row teaching each student row, -1 for none
+    labels: torch.Tensor  # [N_s]: the student's labels
+    logs: dict  # logging entries of the batch (``aligned_tokens``)
+
+    def rows(self, start: int, end: int):
+        index = self.index[start:end]
+        rows = index.clamp_min(0)
+        if isinstance(self.source, ProjectedLogits):
+            src = self.source
+            logits = ProjectedLogits(src.hidden[rows], src.weight, src.fixed).rows(0, rows.numel())
+        else:
+            logits = teacher_rows(self.source, 0, self.source.size(0))[rows]
+        return logits, index.ge(0), self.labels[start:end]
+
+    def size(self, dim: int) -> int:
+        return self.index.numel() if dim == 0 else self.source.size(1)
+
+
 class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
     cross_tokenizer = True  # the task feeds the teacher its own tokenization (--teacher-data)
 
@@ -71,17 +102,26 @@ class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
         super().__init__(task, cfg)
         self.teacher_pad = task.teacher_side_task().dictionary.pad()
 
-    def uses_memory_efficient_loss(self) -> bool:
-        return False
-
-    def kd_term(self, student, sample, mask):
-        side = sample["teacher"]
-        teacher_mask = side["target"].ne(self.teacher_pad)
-        teacher = self.task.teacher.logits(side["net_input"])[teacher_mask]  # [N_t, V_t]
-        return self.cross_kd(student, mask, sample["target"], teacher, teacher_mask, side["target"])
-
-    def cross_kd(self, student, mask, target, teacher, teacher_mask, teacher_target):
-        """Summed KD term and extra logging entries from the student's logits ``student`` [N, V_s]
-        at ``mask`` (labels ``target``) and the teacher's ``teacher`` [N_t, V_t] at ``teacher_mask``."""
+    def teacher_index(self, mask, target, teacher_mask, teacher_target) -> torch.Tensor:
+        """[N_s] long on ``mask``'s device: for each student label (``target[mask]``), the index into
+        ``teacher_target[teacher_mask]`` of the teacher label that teaches it, -1 for none."""
         raise NotImplementedError
 
+    def teacher_side(self, sample):
+        side = sample["teacher"]
+        return side, side["target"].ne(self.teacher_pad)
+
+    def kd_term(self, student, sample, mask):
+        """The plain form: the teacher's logits at its labels, gathered for the student's rows."""
+        side, teacher_mask = self.teacher_side(sample)
+        teacher = self.task.teacher.logits(side["net_input"])[teacher_mask]  # [N_t, V_t]
+        index = self.teacher_index(mask, sample["target"], teacher_mask, side["target"])
+        taught = TaughtRows(teacher, index, sample["target"][mask], {})
+        d = self.divergence(student, taught.rows(0, index.numel()))
+        return d.sum(), {"aligned_tokens": int(index.ge(0).sum())}
+
+    def chunk_teachers(self, sample, mask):
+        side, teacher_mask = self.teacher_side(sample)
+        source = self.task.teacher.rows(side["net_input"], teacher_mask, fused=self.cfg.kd_impl == "fused")
+        index = self.teacher_index(mask, sample["target"], teacher_mask, side["target"])
+        return TaughtRows(source, index, sample["target"][mask], {"aligned_tokens": int(index.ge(0).sum())})

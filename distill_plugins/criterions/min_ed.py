@@ -57,18 +57,18 @@ class MinEditDistanceKDCriterion(CrossTokenizerKDCriterion):
                 student_ids, teacher_ids, self.student_tokens, self.teacher_tokens, self.teacher_to_student)
         return self._rows_cache[key]
 
-    def cross_kd(self, student, mask, target, teacher, teacher_mask, teacher_target):
+    def teacher_index(self, mask, target, teacher_mask, teacher_target):
         labels, teacher_labels = target[mask].tolist(), teacher_target[teacher_mask].tolist()
-        chosen = []  # per student label: the row of ``teacher`` that teaches it, or -1
+        chosen = []  # per student label: the row of the teacher's labels that teaches it, or -1
         for (s0, s1), (t0, t1) in zip(rows_by_example(mask), rows_by_example(teacher_mask)):
             rows = self.teacher_rows(labels[s0:s1], teacher_labels[t0:t1])
             chosen += [t0 + j if j >= 0 else -1 for j in rows]
-        chosen = torch.tensor(chosen, dtype=torch.long, device=student.device)
-        labels_t = target[mask]
-        goal = student.new_full(student.shape, UNMAPPED_LOGIT, dtype=torch.float32)
-        goal[torch.arange(goal.size(0), device=goal.device), labels_t] = ONE_HOT_LOGIT
-        taught = chosen.ge(0)
+        return torch.tensor(chosen, dtype=torch.long, device=mask.device)
+
+    def divergence(self, student_logits, taught):
+        teacher_logits, taught, labels = taught
+        goal = student_logits.new_full(student_logits.shape, UNMAPPED_LOGIT, dtype=torch.float32)
+        goal[torch.arange(goal.size(0), device=goal.device), labels] = ONE_HOT_LOGIT
         if taught.any():
-            goal[taught] = teacher_in_student_vocab(teacher[chosen[taught]], self.mapping, student.size(-1))
-        kd = forward_kl(student, goal, temperature=self.temperature).sum()
-        return kd, {"aligned_tokens": int(taught.sum())}
+            goal[taught] = teacher_in_student_vocab(teacher_logits[taught], self.mapping, student_logits.size(-1))
+        return forward_kl(student_logits, goal, temperature=self.temperature)

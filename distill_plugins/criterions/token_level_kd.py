@@ -188,8 +188,9 @@ class TokenLevelKDCriterion(FairseqCriterion):
             return None
         return triton_chunk_kernel(device, spec[0], self.temperature, getattr(self.cfg, spec[1]) if spec[1] else 0.0)
 
-    def memory_efficient_loss(self, model, sample, mask, labels):
-        """``KDLoss`` (loss, ce, kd, parts) of --kd-impl chunked/fused: ``chunked_divergences``."""
+    def memory_efficient_loss(self, model, sample, mask, labels, teachers):
+        """``KDLoss`` (loss, ce, kd, parts) of --kd-impl chunked/fused (``chunked_divergences``) with
+        ``teachers`` = ``chunk_teachers(sample, mask)``."""
         divergence, part_weights = self.chunk_divergence()
         loss_and_grad = None
         if part_weights is None:
@@ -197,8 +198,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
         kwargs = dict(divergence=divergence, kd_ratio=self.kd_ratio, chunk_size=self.cfg.kd_chunk_size,
                       loss_and_grad=loss_and_grad, part_weights=part_weights)
         out = self.fusable_output_projection(model) if self.cfg.kd_impl == "fused" else None
-        return student_side_loss(model, sample["net_input"], mask, labels, out, self.chunk_teachers(sample, mask),
-                                 **kwargs)
+        return student_side_loss(model, sample["net_input"], mask, labels, out, teachers, **kwargs)
 
     def fusable_output_projection(self, model):
         """The student's ``output_projection.FusedOutput`` for --kd-impl fused, or None (adaptive
@@ -220,8 +220,10 @@ class TokenLevelKDCriterion(FairseqCriterion):
         mask = target.ne(self.padding_idx)  # only response tokens (and their EOS) take part
         labels = target[mask]
         if self.uses_memory_efficient_loss():
-            loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, labels)
-            extra = self.part_logs(parts) if parts is not None else {}
+            teachers = self.chunk_teachers(sample, mask)
+            loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, labels, teachers)
+            # a teacher source may carry logging entries of its own (cross-tokenizer: ``aligned_tokens``)
+            extra = {**(self.part_logs(parts) if parts is not None else {}), **getattr(teachers, "logs", {})}
         else:
             student, kd, extra = self.plain_terms(model, sample, mask)
             ce = F.cross_entropy(student.float(), labels, reduction="sum")

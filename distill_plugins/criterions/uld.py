@@ -5,6 +5,7 @@ paired with the k-th of the teacher, for k below the shorter of the two response
 and D = sum over those pairs of ``divergences.universal_logit_distance`` (L1 between the sorted
 probabilities). ``aligned_tokens`` logs how many student labels had a teacher partner.
 """
+import torch
 from fairseq.criterions import register_criterion
 
 from ..divergences import universal_logit_distance
@@ -23,7 +24,13 @@ def paired_positions(mask, teacher_mask):
 
 @register_criterion("uld", dataclass=TokenLevelKDConfig)
 class UniversalLogitDistillationCriterion(CrossTokenizerKDCriterion):
-    def cross_kd(self, student, mask, target, teacher, teacher_mask, teacher_target):
+    def teacher_index(self, mask, target, teacher_mask, teacher_target):
         keep_s, keep_t = paired_positions(mask, teacher_mask)
-        kd = universal_logit_distance(student[keep_s], teacher[keep_t], temperature=self.temperature).sum()
-        return kd, {"aligned_tokens": int(keep_s.sum())}
+        index = torch.full((keep_s.numel(),), -1, dtype=torch.long, device=mask.device)
+        index[keep_s] = keep_t.nonzero(as_tuple=True)[0]
+        return index
+
+    def divergence(self, student_logits, taught):
+        teacher_logits, taught, _labels = taught
+        d = universal_logit_distance(student_logits, teacher_logits, temperature=self.temperature)
+        return d * taught

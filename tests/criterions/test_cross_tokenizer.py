@@ -128,9 +128,13 @@ def min_ed_of_example(mapping, student_words, teacher_words):
     return divergence
 
 
-def check_criterion(setup, name, divergence, temperature):
+IMPLS = [("plain", 1024), ("chunked", 4), ("fused", 4), ("fused", 1024)]  # chunks of 4 cross the examples
+
+
+def check_criterion(setup, name, divergence, temperature, impl=("fused", 1024)):
     task, student, teacher_model, sample, _ = setup
-    criterion = build(task, name, temperature=temperature)
+    criterion = build(task, name, temperature=temperature, kd_impl=impl[0], kd_chunk_size=impl[1])
+    assert criterion.uses_memory_efficient_loss() == (impl[0] != "plain")
     student.zero_grad()
     loss, sample_size, log = criterion(student, sample)
     loss.backward()
@@ -145,19 +149,54 @@ def check_criterion(setup, name, divergence, temperature):
     return log
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_uld_loss_and_gradients_match_the_per_example_reference(setup, temperature):
-    log = check_criterion(setup, "uld", uld_of_example, temperature)
+def test_uld_loss_and_gradients_match_the_per_example_reference(setup, temperature, impl):
+    log = check_criterion(setup, "uld", uld_of_example, temperature, impl)
     # every student label has a teacher partner except the last 4 of example 5 (teacher: 3 labels)
     assert log["aligned_tokens"] == log["ntokens"] - 4
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_min_ed_loss_and_gradients_match_the_per_example_reference(setup, temperature):
+def test_min_ed_loss_and_gradients_match_the_per_example_reference(setup, temperature, impl):
     task, _, _, _, mapping = setup
     log = check_criterion(setup, "min_ed", min_ed_of_example(mapping, task.dictionary.symbols,
-                                                             task.teacher_task.dictionary.symbols), temperature)
+                                                             task.teacher_task.dictionary.symbols), temperature, impl)
     assert 0 < log["aligned_tokens"] < log["ntokens"]
+
+
+@pytest.mark.parametrize("name", ["uld", "min_ed"])
+def test_memory_efficient_forms_equal_plain_on_a_bf16_student(setup, name):
+    """bf16 student and teacher: chunked and fused accumulate in float32 like plain: the same loss, and
+    gradients as close to those of the same weights in float32 as plain's (bf16 backward of the model)."""
+    import copy
+
+    task, student, teacher_model, sample, _ = setup
+    s16, t16 = copy.deepcopy(student).to(torch.bfloat16), copy.deepcopy(teacher_model).to(torch.bfloat16)
+    s32, t32 = copy.deepcopy(s16).float(), copy.deepcopy(t16).float()
+    saved = task.teachers
+
+    def run(model, teacher, impl, chunk):
+        task.teachers = [Teacher(teacher, path="<in memory>", sha256="0" * 64)]
+        model.zero_grad()
+        loss, _, log = build(task, name, kd_impl=impl, kd_chunk_size=chunk)(model, sample)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()]), log["aligned_tokens"]
+
+    try:
+        _, g32, aligned32 = run(s32, t32, "plain", 1024)
+        results = {(impl, chunk): run(s16, t16, impl, chunk) for impl, chunk in IMPLS}
+    finally:
+        task.teachers = saved
+    plain_loss, plain_grad, _ = results[("plain", 1024)]
+    plain_error = ((plain_grad - g32).norm() / g32.norm()).item()
+    assert plain_error < 0.1
+    for key, (loss, grad, aligned) in results.items():
+        assert loss == pytest.approx(plain_loss, rel=1e-5), key
+        assert ((grad - g32).norm() / g32.norm()).item() <= 1.25 * plain_error + 1e-3, key
+        assert aligned == aligned32
 
 
 def test_min_ed_teaches_one_to_one_aligned_tokens_only(setup):
