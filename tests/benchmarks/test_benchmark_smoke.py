@@ -136,3 +136,15 @@ def test_ot_terms_benchmark_reports_ours_and_reference(tmp_path):
     assert positive(data["ratios"]["tokens_per_s ours/reference"])
     assert data["ratios"]["max relative difference of the terms"] < 1e-3  # the same terms (Sinkhorn's tolerance)
     assert "| ours |" in table and "| reference |" in table
+
+
+def test_cross_tokenizer_benchmark_reports_every_form(tmp_path):
+    data, table = bench("cross_tokenizer_loss", tmp_path, "--repeats", "1", "--warmup", "0", "--kd-chunk-size", "64")
+    assert set(data["results"]) == {f"{c} {i}" for c in ("uld", "min_ed") for i in ("plain", "chunked", "fused")}
+    for name, res in data["results"].items():
+        for key in ("step_s", "cpu_s", "tokens_per_s", "peak_extra_mib"):
+            assert positive(res[key]), (name, key, res)
+    for c in ("uld", "min_ed"):
+        assert positive(data["ratios"][f"{c} fused/plain peak_memory"])
+        assert data["ratios"][f"{c} fused loss relative difference"] < 1e-5  # the same loss in every form
+    assert "| uld | fused |" in table
