@@ -23,14 +23,12 @@ Logged: ``t2s_ce``, ``t2s_kd``, ``s2t_kl`` (per student label, base 2) and ``t2s
 where argmax t2s is the label). DSKD gives the projections their own learning rate
 (``--projector-lr``); here they train with the model's optimizer and learning rate.
 """
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from fairseq.criterions import register_criterion
-from fairseq.logging import metrics
 
 from ..divergences import DIVERGENCES, forward_kl, get_divergence
 from ..dual_space import (
@@ -39,7 +37,7 @@ from ..dual_space import (
 from ..errors import DistillError, check
 from ..output_projection import fusable_output
 from .cross_tokenizer_kd import CrossTokenizerKDCriterion
-from .token_level_kd import TokenLevelKDConfig, TokenLevelKDCriterion
+from .token_level_kd import TokenLevelKDConfig, TokenLevelKDCriterion, log_token_means
 
 
 @dataclass
@@ -101,12 +99,8 @@ class DualSpaceTerms:
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
-        total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
-        n = total("ntokens")
-        if n > 0:
-            for key in ("t2s_ce", "t2s_kd", "s2t_kl"):
-                metrics.log_scalar(key, total(key) / n / math.log(2), n, round=3)
-            metrics.log_scalar("t2s_acc", total("t2s_correct") / n, n, round=3)
+        log_token_means(logging_outputs, ("t2s_ce", "t2s_kd", "s2t_kl"))
+        log_token_means(logging_outputs, {"t2s_acc": "t2s_correct"}, base2=False)
 
 
 @register_criterion("dskd", dataclass=DualSpaceKDConfig)

@@ -51,6 +51,7 @@ from ..optimal_transport import hidden_transport, logit_transport, pair_mask, si
 from ..token_alignment import dtw_alignment, edit_distance, normalize_token
 from .cross_tokenizer_kd import load_alignment, padded_rows, rows_by_example
 from .dual_space_kd import DualSpaceKDConfig, DualSpaceKDCrossAttentionCriterion, dual_space_dims
+from .token_level_kd import log_token_means
 
 LOGIT_COST_WEIGHTS = (0.2, 0.5, 0.3)  # euclidean, KL, salience
 HIDDEN_COST_WEIGHTS = (0.3, 0.5, 0.2)  # edit distance, context distance, context cosine
@@ -224,11 +225,8 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
+        log_token_means(logging_outputs, ("ot_logit", "ot_hidden"), base2=False, round=4)
         total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
-        n = total("ntokens")
-        if n > 0:
-            metrics.log_scalar("ot_logit", total("ot_logit") / n, n, round=4)
-            metrics.log_scalar("ot_hidden", total("ot_hidden") / n, n, round=4)
         batches = total("ot_batches")
         if batches > 0:  # the same on every worker and micro-batch, so their mean is the value
             for name in COST_NAMES:

@@ -116,6 +116,16 @@ def triton_chunk_kernel(device, divergence: str, temperature: float = 1.0, coef:
     return loss_and_grad
 
 
+def log_token_means(logging_outputs, keys, base2: bool = True, round: int = 3) -> None:
+    """Log each of ``keys`` summed over the logging outputs per student label (``ntokens``), in base 2
+    (nats / ln 2) unless ``base2`` is False; ``keys`` may map logged names to logging-output keys."""
+    n = sum(log.get("ntokens", 0) for log in logging_outputs)
+    if n > 0:
+        scale = n * (math.log(2) if base2 else 1.0)
+        for name, key in (keys.items() if isinstance(keys, dict) else zip(keys, keys)):
+            metrics.log_scalar(name, sum(log.get(key, 0) for log in logging_outputs) / scale, n, round=round)
+
+
 def check_unit_interval(name: str, value: float):
     check(0.0 <= value <= 1.0, f"--{name} must be in [0, 1], got {value}")
 

@@ -92,7 +92,9 @@ def same_tokenizer(setup):  # noqa: F811
 
 
 def check(crit, student, sample, want_fn):
-    params = list(student.parameters()) + list(crit.projectors.parameters())
+    """Loss and the gradients of the student and of every criterion parameter against ``want_fn()``
+    = (the reference loss, its sample size)."""
+    params = list(student.parameters()) + list(crit.parameters())
     for q in params:
         q.grad = None
     loss, sample_size, log = crit(student, sample)
