@@ -1,4 +1,5 @@
-"""Cross-tokenizer KD (``uld``, ``min_ed``): a training step's loss in each ``--kd-impl``, in one run.
+"""Cross-tokenizer KD (``uld``, ``min_ed``, ``dskd_cma``, ``multi_cost_ot``): a training step's loss in
+each ``--kd-impl``, in one run.
 
     python benchmarks/cross_tokenizer_loss.py --device cpu --preset cpu-small --json xt.json
     python benchmarks/cross_tokenizer_loss.py --device cuda --preset gpt2-xl-base
@@ -7,7 +8,9 @@ Per criterion and form: forward + backward of the criterion on a batch whose tea
 tokenization (another vocabulary and other lengths), student and frozen teacher random-initialised
 GPT-2 shapes. ``plain`` is the reference form (DSKD's): full float32 [tokens, vocab] logits of both
 models at the response tokens; ``chunked`` takes --kd-chunk-size student rows at a time; ``fused``
-(the default) also makes both models' logits from their hidden states a chunk at a time. Reported:
+(the default) also makes both models' logits from their hidden states a chunk at a time (for the
+dual-space criterions chunked and fused are one form: the readouts recomputed chunk by chunk in the
+backward pass). Reported:
 time per step, response tokens/s, peak extra memory (``measure.py``), ratios to plain, and the
 largest relative difference of the loss to plain's. MinED's DTW alignments are cached per example,
 so the warm-up step pays for them and the timed ones do not (in training they are paid once per
@@ -79,6 +82,7 @@ def build(args, device, workdir):
     task.teachers = [Teacher(build_model(task.teacher_task, t_shape, args.seed + 1, device, dtype), path="<random>",
                              sha256="0" * 64)]
     student = build_model(task, s_shape, args.seed, device, dtype)  # eval: no dropout, the forms comparable
+    task.student_hidden_dim = student.decoder.output_projection.weight.size(1)  # what build_model records
     g = torch.Generator().manual_seed(args.seed)
     s_lengths = [n - 5 * i for i in range(b)]
     sample = batch(s_dict, s_lengths, prompt, g, device)
@@ -93,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both models' dtype")
-    ap.add_argument("--criteria", default="uld,min_ed")
+    ap.add_argument("--criteria", default="uld,min_ed,dskd_cma,multi_cost_ot")
     ap.add_argument("--kd-chunk-size", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -106,8 +110,11 @@ def main(argv=None):
         results, ratios = {}, {}
         for name in args.criteria.split(","):
             for impl in IMPLS:
-                criterion = task.build_criterion(OmegaConf.create(
-                    {"_name": name, "kd_ratio": 0.5, "kd_impl": impl, "kd_chunk_size": args.kd_chunk_size}))
+                options = {"_name": name, "kd_ratio": 0.5, "kd_impl": impl, "kd_chunk_size": args.kd_chunk_size}
+                if name == "multi_cost_ot":
+                    options["ot_interpolation_updates"] = 0  # what --max-update gives it in fairseq-train
+                torch.manual_seed(args.seed)  # the same projections for every form
+                criterion = task.build_criterion(OmegaConf.create(options)).to(device)
 
                 def step():
                     student.zero_grad(set_to_none=True)

@@ -9,12 +9,14 @@ the other's representation space and read out by the other's output layer.
   softmax over the other model's non-padding positions of scaled dot products.
 * ``sequence_std``: the scale DSKD-CMA divides the teacher's embeddings and hidden states by.
 * ``token_embeddings``: a model's input embedding table (its output projection when it has none).
+* ``chunked_rows``: a row-local function over chunks of rows, each recomputed in the backward pass.
 """
 import math
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .chunked_divergences import FixedColumns
 from .output_projection import unwrap
@@ -74,3 +76,23 @@ def next_tokens(src_tokens: Tensor, target: Tensor, pad: int) -> Tensor:
     is one, else the next input token; padding after the end."""
     shifted = torch.cat([src_tokens[:, 1:], src_tokens.new_full((src_tokens.size(0), 1), pad)], dim=1)
     return torch.where(target.ne(pad), target, shifted)
+
+
+def chunked_rows(fn: Callable[..., Tuple[Tensor, Tensor]], rows: Sequence[Tensor],
+                 chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(sum of ``fn``'s first output, concatenation of its second) over chunks of ``chunk_size`` rows
+    of every tensor in ``rows`` (all [N, ...]). ``fn`` must be row-local and deterministic. Each chunk
+    runs under ``torch.utils.checkpoint``: only its inputs are kept, its vocabulary-sized intermediates
+    are freed and recomputed in the backward pass. ``chunk_size`` None: one call on all rows, nothing
+    recomputed (the plain form)."""
+    n = rows[0].size(0)
+    if chunk_size is None or n <= chunk_size:
+        return fn(*rows)
+    grad = torch.is_grad_enabled()
+    sums, outs = None, []
+    for start in range(0, n, chunk_size):
+        part = [r[start:start + chunk_size] for r in rows]
+        s, o = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
+        sums = s if sums is None else sums + s
+        outs.append(o)
+    return sums, torch.cat(outs)

@@ -8,6 +8,7 @@
 * ``transport_cost``: sum(P * C) per sequence with P held fixed: its gradient in C is P, the
   envelope gradient of the entropic OT value (what POT's ``sinkhorn2`` returns), so no gradient
   runs back through the iterations.
+* ``top_logits``: each position's k largest logits, sorted (vocabulary-agnostic).
 * pairwise costs between rows of x [B, M, d] and y [B, N, d]: ``euclidean_cost``, ``kl_cost`` (from
   log-probabilities: KL(x_i || y_j) = sum p_i (log p_i - log q_j), one batched matmul, no [M, N, d]
   tensor), ``cosine_cost``, and ``absolute_cost`` of scalars.
@@ -20,6 +21,12 @@
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def top_logits(logits: Tensor, k: int) -> Tensor:
+    """Each row's ``k`` largest logits, sorted, in float32; +inf counts as -inf (probability 0)."""
+    logits = logits.float()
+    return logits.masked_fill(logits == float("inf"), float("-inf")).topk(k, dim=-1).values
 
 
 def pair_mask(rows: Tensor, cols: Tensor) -> Tensor:

@@ -19,6 +19,13 @@ criterion's parameters (fairseq's optimizer and checkpoints take them; ``dual_sp
   at the teacher's labels, as a mean over them (scaled by student labels / teacher labels, since the
   loss is divided by the student's label count).
 
+The hidden-state side (projections, attention) is computed for the whole batch; the vocabulary-sized
+side (the four readouts and their losses, row-local) by ``--kd-impl``: ``plain`` in one piece, as
+DSKD does (float32 [tokens, vocab] logits of the student, t2s, s2t and the teacher at once);
+``chunked``/``fused`` --kd-chunk-size rows at a time, each chunk recomputed in the backward pass
+(``dual_space.chunked_rows``), so no [tokens, vocab] tensor outlives its chunk; same values and
+gradients (tests).
+
 Logged: ``t2s_ce``, ``t2s_kd``, ``s2t_kl`` (per student label, base 2) and ``t2s_acc`` (share of labels
 where argmax t2s is the label). DSKD gives the projections their own learning rate
 (``--projector-lr``); here they train with the model's optimizer and learning rate.
@@ -32,9 +39,10 @@ from fairseq.criterions import register_criterion
 
 from ..divergences import DIVERGENCES, forward_kl, get_divergence
 from ..dual_space import (
-    DualSpaceProjectors, cross_model_attention, next_tokens, readout, sequence_std, token_embeddings,
+    DualSpaceProjectors, chunked_rows, cross_model_attention, next_tokens, readout, sequence_std, token_embeddings,
 )
 from ..errors import DistillError, check
+from ..optimal_transport import top_logits
 from ..output_projection import fusable_output
 from .cross_tokenizer_kd import CrossTokenizerKDCriterion
 from .token_level_kd import TokenLevelKDConfig, TokenLevelKDCriterion, log_token_means
@@ -79,22 +87,50 @@ class DualSpaceTerms:
             raise DistillError(f"--dskd-divergence: {e}") from None
         self.projectors = DualSpaceProjectors(*dual_space_dims(task), cross_attention=self.cross_attention)
 
-    def kd_terms(self, student, t2s, s2t, teacher, labels, taught=None, teacher_scale=1.0):
-        t2s_ce = F.cross_entropy(t2s, labels, reduction="sum")
-        d = self.divergence(student, t2s.detach())
-        correct = t2s.detach().argmax(-1).eq(labels)
-        t2s_kd = (d * correct).sum() if taught == "correct" else d.sum()
-        s2t_kl = forward_kl(s2t, teacher, temperature=self.temperature).sum() * teacher_scale
-        extra = {"t2s_ce": t2s_ce.data, "t2s_kd": t2s_kd.data, "s2t_kl": s2t_kl.data, "t2s_correct": int(correct.sum())}
-        if taught == "correct":
-            extra["aligned_tokens"] = int(correct.sum())
-        return t2s_ce + t2s_kd + s2t_kl, extra
+    def chunk_size(self):
+        """Rows per chunk of the vocabulary-sized side; None: one piece (--kd-impl plain)."""
+        return None if self.cfg.kd_impl == "plain" else self.cfg.kd_chunk_size
+
+    def student_side(self, hidden, t2s_hidden, labels, out, correct_only: bool, top_k: int = 0):
+        """Sums [CE(student), CE(t2s), D(student || sg(t2s)) (where argmax t2s is the label if
+        ``correct_only``), labels where it is] over the student's label rows, and their ``top_k``
+        largest student logits, sorted ([N, 0] if 0)."""
+        def rows(h, t2s_h, y):
+            student = readout(h, out.weight, out.fixed)
+            t2s = readout(t2s_h, out.weight.detach(), out.fixed)
+            d = self.divergence(student, t2s.detach())
+            correct = t2s.detach().argmax(-1).eq(y)
+            sums = torch.stack([F.cross_entropy(student, y, reduction="sum"), F.cross_entropy(t2s, y, reduction="sum"),
+                                (d * correct).sum() if correct_only else d.sum(), correct.sum().to(d.dtype)])
+            return sums, top_logits(student, top_k) if top_k else student.new_zeros(student.size(0), 0)
+
+        return chunked_rows(rows, (hidden, t2s_hidden, labels), self.chunk_size())
+
+    def teacher_side(self, s2t_hidden, teacher_hidden, out, top_k: int = 0):
+        """KL(teacher || s2t) summed over the teacher's label rows (shape [1]), and the teacher's
+        ``top_k`` largest logits there, sorted."""
+        def rows(s2t_h, h_t):
+            teacher = readout(h_t, out.weight, out.fixed)
+            kl = forward_kl(readout(s2t_h, out.weight, out.fixed), teacher, temperature=self.temperature).sum()
+            return kl.view(1), top_logits(teacher, top_k) if top_k else teacher.new_zeros(teacher.size(0), 0)
+
+        return chunked_rows(rows, (s2t_hidden, teacher_hidden), self.chunk_size())
+
+    def mix(self, student_sums, teacher_sums, correct_only: bool, teacher_scale: float = 1.0):
+        """(loss, CE, KD, logging entries) from the two sides' sums."""
+        ce, t2s_ce, t2s_kd, correct = student_sums.unbind()
+        s2t_kl = teacher_sums[0] * teacher_scale
+        kd = t2s_ce + t2s_kd + s2t_kl
+        extra = {"t2s_ce": t2s_ce.data, "t2s_kd": t2s_kd.data, "s2t_kl": s2t_kl.data, "t2s_correct": int(correct)}
+        if correct_only:
+            extra["aligned_tokens"] = int(correct)
+        return (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd, ce.detach(), kd.detach(), extra
 
     def divergence(self, student_logits, teacher_logits):
         return self.kd_divergence(student_logits, teacher_logits, temperature=self.temperature)
 
     def uses_memory_efficient_loss(self) -> bool:
-        return False
+        return self.cfg.kd_impl != "plain"
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -107,35 +143,32 @@ class DualSpaceTerms:
 class DualSpaceKDCriterion(DualSpaceTerms, TokenLevelKDCriterion):
     cross_attention = False
 
-    def plain_terms(self, model, sample, mask):
+    def loss_terms(self, model, sample, mask, labels):
         out_s = output_layer(model, "student")
         hidden_s = model(**sample["net_input"], features_only=True)[0][mask]
-        student = readout(hidden_s, out_s.weight, out_s.fixed)
         hidden_t, out_t = self.task.teacher.hidden_states(sample["net_input"])
         hidden_t = hidden_t[mask]
         dtype = self.projectors.t2s.weight.dtype
-        t2s = readout(self.projectors.t2s(hidden_t.to(dtype)), out_s.weight.detach(), out_s.fixed)
-        s2t = readout(self.projectors.s2t(hidden_s.to(dtype)), out_t.weight, out_t.fixed)
-        teacher = readout(hidden_t, out_t.weight, out_t.fixed)
-        kd, extra = self.kd_terms(student, t2s, s2t, teacher, sample["target"][mask])
-        return student, kd, extra
+        student_sums, _ = self.student_side(hidden_s, self.projectors.t2s(hidden_t.to(dtype)), labels, out_s,
+                                            correct_only=False)
+        teacher_sums, _ = self.teacher_side(self.projectors.s2t(hidden_s.to(dtype)), hidden_t, out_t)
+        return self.mix(student_sums, teacher_sums, correct_only=False)
 
 
 @register_criterion("dskd_cma", dataclass=DualSpaceKDConfig)
 class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriterion):
     cross_attention = True
 
-    def plain_terms(self, model, sample, mask):
-        out = self.cross_attention_terms(model, sample, mask)
-        return out.student, out.kd, out.extra
+    def loss_terms(self, model, sample, mask, labels):
+        loss, ce, kd, extra = self.cross_attention_terms(model, sample, mask, labels).terms
+        return loss, ce, kd, extra
 
-    def cross_attention_terms(self, model, sample, mask) -> "CrossAttentionTerms":
+    def cross_attention_terms(self, model, sample, mask, labels, top_k: int = 0) -> "CrossAttentionTerms":
         side, pad_s, pad_t = sample["teacher"], self.padding_idx, self.teacher_pad
         src_s, src_t = sample["net_input"]["src_tokens"], side["net_input"]["src_tokens"]
         t_mask = side["target"].ne(pad_t)
         out_s = output_layer(model, "student")
         hidden_s = model(**sample["net_input"], features_only=True)[0]  # [B, Ts, ds]
-        student = readout(hidden_s[mask], out_s.weight, out_s.fixed)
         hidden_t, out_t = self.task.teacher.hidden_states(side["net_input"])  # [B, Tt, dt]
         dtype = self.projectors.t2s.weight.dtype
         with torch.no_grad():
@@ -152,22 +185,20 @@ class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriteri
         t2s_hidden = cross_model_attention(query, key, valid_t) @ self.projectors.t2s(t_value_in.to(dtype)).float()
         s2t_hidden = (cross_model_attention(key, query, src_s.ne(pad_s))
                       @ self.projectors.s2t(hidden_s.to(dtype)).float())
-        t2s = readout(t2s_hidden[mask], out_s.weight.detach(), out_s.fixed)
-        s2t = readout(s2t_hidden[t_mask], out_t.weight, out_t.fixed)
-        teacher = readout(hidden_t[t_mask], out_t.weight, out_t.fixed)
+        student_sums, s_top = self.student_side(hidden_s[mask], t2s_hidden[mask], labels, out_s, correct_only=True,
+                                                top_k=top_k)
+        teacher_sums, t_top = self.teacher_side(s2t_hidden[t_mask], hidden_t[t_mask], out_t, top_k=top_k)
         n_s, n_t = int(mask.sum()), max(int(t_mask.sum()), 1)
-        kd, extra = self.kd_terms(student, t2s, s2t, teacher, sample["target"][mask], taught="correct",
-                                  teacher_scale=n_s / n_t)
-        return CrossAttentionTerms(student, kd, extra, hidden_s, hidden_t, teacher, t_mask)
+        terms = self.mix(student_sums, teacher_sums, correct_only=True, teacher_scale=n_s / n_t)
+        return CrossAttentionTerms(terms, hidden_s, hidden_t, s_top, t_top, t_mask)
 
 
 class CrossAttentionTerms(NamedTuple):
     """What ``dskd_cma`` computes, for criterions that add terms on top of it (``multi_cost_ot``)."""
 
-    student: torch.Tensor  # the student's logits at its labels [N_s, V_s]
-    kd: torch.Tensor  # the summed DSKD-CMA KD term
-    extra: dict  # its logging entries
+    terms: tuple  # (loss, CE, KD, logging entries) of DSKD-CMA
     hidden_s: torch.Tensor  # the student's last hidden states [B, T_s, d_s]
     hidden_t: torch.Tensor  # the teacher's [B, T_t, d_t]
-    teacher: torch.Tensor  # the teacher's logits at its labels [N_t, V_t]
+    student_top: torch.Tensor  # the student's top-k logits at its labels [N_s, k], sorted (k = 0: none)
+    teacher_top: torch.Tensor  # the teacher's at its labels [N_t, k]
     teacher_mask: torch.Tensor  # [B, T_t]: the teacher's label positions

@@ -96,12 +96,6 @@ def dtw_edit_costs(teacher_tokens: List[str], student_tokens: List[str]) -> Tupl
     return costs, [targets[0] if targets else -1 for targets in aligned]
 
 
-def top_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's ``k`` largest logits, sorted, in float32; +inf counts as -inf (probability 0)."""
-    logits = logits.float()
-    return logits.masked_fill(logits == float("inf"), float("-inf")).topk(k, dim=-1).values
-
-
 class OTProjections(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()
@@ -170,13 +164,15 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
                                                    [self.student_tokens[s] for s in student_ids])
         return self._edit_cache[key]
 
-    def plain_terms(self, model, sample, mask):
-        out = self.cross_attention_terms(model, sample, mask)
+    def loss_terms(self, model, sample, mask, labels):
+        k = min(self.cfg.ot_top_k, len(self.task.dictionary), len(self.task.teacher_side_task().dictionary))
+        out = self.cross_attention_terms(model, sample, mask, labels, top_k=k)
+        loss, ce, kd, extra = out.terms
         t_mask = out.teacher_mask
         s_labels, t_labels = sample["target"][mask].tolist(), sample["teacher"]["target"][t_mask].tolist()
         s_rows, t_rows = rows_by_example(mask), rows_by_example(t_mask)
         s_len, t_len = int(mask.sum(1).max()), int(t_mask.sum(1).max())
-        device = out.student.device
+        device = mask.device
         edit = torch.ones(mask.size(0), t_len, s_len)
         partner = torch.full((mask.size(0), t_len), -1, dtype=torch.long)
         for b, ((s0, s1), (t0, t1)) in enumerate(zip(s_rows, t_rows)):
@@ -188,13 +184,13 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
         dtype = self.ot.teacher.weight.dtype
         h_s, s_valid = padded_rows(out.hidden_s[mask].to(dtype), mask)  # [B, N, d_s]
         h_t, t_valid = padded_rows(self.ot.teacher(out.hidden_t[t_mask].to(dtype)), t_mask)  # [B, M, d_s]
-        ot_logit, logit_costs = self.logit_transport(out.student, out.teacher, mask, t_mask, h_s, h_t, partner)
+        ot_logit, logit_costs = self.logit_transport(out.student_top, out.teacher_top, mask, t_mask, h_s, h_t, partner)
         ot_hidden, hidden_costs = self.hidden_transport(h_s.float(), h_t.float(), s_valid, t_valid, edit)
 
         n_s = mask.sum(1).to(ot_logit.dtype)  # each example's OT weighted by its student labels
         ot_logit, ot_hidden = (ot_logit * n_s).sum(), (ot_hidden * n_s).sum()
-        extra = dict(out.extra, ot_logit=ot_logit.data, ot_hidden=ot_hidden.data,
-                     unmixed_loss=self.cfg.ot_logit_weight * ot_logit + self.cfg.ot_hidden_weight * ot_hidden)
+        loss = loss + self.cfg.ot_logit_weight * ot_logit + self.cfg.ot_hidden_weight * ot_hidden
+        extra = dict(extra, ot_logit=ot_logit.data, ot_hidden=ot_hidden.data)
         weights = self.logit_cost_weights.tolist() + self.hidden_cost_weights.tolist()
         extra.update({f"w_{name}": w for name, w in zip(COST_NAMES, weights)}, ot_batches=1)
         if self.training:
@@ -202,16 +198,16 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
             means = [(c.detach().double() * valid).sum() / valid.sum().clamp_min(1) for c in logit_costs + hidden_costs]
             self.cost_sums += torch.stack(means).to(self.cost_sums.device)
             self.cost_batches += 1
-        return out.student, out.kd, extra
+        return loss, ce, kd, extra
 
     def sinkhorn(self):
         return dict(alpha=self.cfg.ot_sinkhorn_alpha, max_iter=self.cfg.ot_sinkhorn_iters)
 
-    def logit_transport(self, student, teacher, mask, t_mask, h_s, h_t, partner):
-        """OT_logit per example [B] and its three cost matrices [B, M, N]."""
-        k = min(self.cfg.ot_top_k, student.size(-1), teacher.size(-1))
-        s_top, s_valid = padded_rows(top_logits(student, k), mask)  # [B, N, k]
-        t_top, t_valid = padded_rows(top_logits(teacher, k), t_mask)  # [B, M, k]
+    def logit_transport(self, student_top, teacher_top, mask, t_mask, h_s, h_t, partner):
+        """OT_logit per example [B] and its three cost matrices [B, M, N], from both models' sorted
+        top-k logits at their labels."""
+        s_top, s_valid = padded_rows(student_top, mask)  # [B, N, k]
+        t_top, t_valid = padded_rows(teacher_top, t_mask)  # [B, M, k]
         sal_s = torch.sigmoid(self.ot.salience(h_s)).squeeze(-1).float()
         sal_t = torch.sigmoid(self.ot.salience(h_t)).squeeze(-1).float()
         return logit_transport(s_top, t_top, s_valid, t_valid, partner, sal_s, sal_t, self.logit_cost_weights.float(),

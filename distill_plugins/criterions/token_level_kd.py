@@ -163,9 +163,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
 
     def plain_terms(self, model, sample, mask):
         """The plain form: the student's logits at ``mask`` [N, V], the summed KD term and extra
-        logging entries; criterions that need more of the student than its logits override this.
-        An entry ``unmixed_loss`` (a summed tensor) is added to the loss outside the CE/KD mix and
-        not logged (``multi_cost_ot``'s OT terms, which have their own weights)."""
+        logging entries; criterions that need more of the student than its logits override this."""
         student = model(**sample["net_input"])[0][mask]
         kd, extra = self.kd_term(student, sample, mask)
         return student, kd, extra
@@ -225,22 +223,24 @@ class TokenLevelKDCriterion(FairseqCriterion):
         own_kd_term = cls.kd_term is TokenLevelKDCriterion.kd_term
         return self.cfg.kd_impl != "plain" and (own_kd_term or cls.chunk_teachers is not TokenLevelKDCriterion.chunk_teachers)
 
-    def forward(self, model, sample, reduce=True):
-        target = sample["target"]
-        mask = target.ne(self.padding_idx)  # only response tokens (and their EOS) take part
-        labels = target[mask]
+    def loss_terms(self, model, sample, mask, labels):
+        """(loss, CE sum, KD sum, extra logging entries) over the response tokens at ``mask``:
+        ``memory_efficient_loss`` for --kd-impl chunked/fused, else ``plain_terms``. Criterions whose
+        loss is more than this mix override it (dual-space KD)."""
         if self.uses_memory_efficient_loss():
             teachers = self.chunk_teachers(sample, mask)
             loss, ce, kd, parts = self.memory_efficient_loss(model, sample, mask, labels, teachers)
             # a teacher source may carry logging entries of its own (cross-tokenizer: ``aligned_tokens``)
-            extra = {**(self.part_logs(parts) if parts is not None else {}), **getattr(teachers, "logs", {})}
-        else:
-            student, kd, extra = self.plain_terms(model, sample, mask)
-            ce = F.cross_entropy(student.float(), labels, reduction="sum")
-            loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
-            unmixed = extra.pop("unmixed_loss", None)
-            if unmixed is not None:
-                loss = loss + unmixed
+            return loss, ce, kd, {**(self.part_logs(parts) if parts is not None else {}), **getattr(teachers, "logs", {})}
+        student, kd, extra = self.plain_terms(model, sample, mask)
+        ce = F.cross_entropy(student.float(), labels, reduction="sum")
+        return (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd, ce, kd, extra
+
+    def forward(self, model, sample, reduce=True):
+        target = sample["target"]
+        mask = target.ne(self.padding_idx)  # only response tokens (and their EOS) take part
+        labels = target[mask]
+        loss, ce, kd, extra = self.loss_terms(model, sample, mask, labels)
         ntokens = labels.numel()  # known since target[mask]; int(mask.sum()) would wait for the GPU here
         lm = sample.get("lm")
         if lm is not None:

@@ -140,11 +140,12 @@ def test_ot_terms_benchmark_reports_ours_and_reference(tmp_path):
 
 def test_cross_tokenizer_benchmark_reports_every_form(tmp_path):
     data, table = bench("cross_tokenizer_loss", tmp_path, "--repeats", "1", "--warmup", "0", "--kd-chunk-size", "64")
-    assert set(data["results"]) == {f"{c} {i}" for c in ("uld", "min_ed") for i in ("plain", "chunked", "fused")}
+    criteria = ("uld", "min_ed", "dskd_cma", "multi_cost_ot")
+    assert set(data["results"]) == {f"{c} {i}" for c in criteria for i in ("plain", "chunked", "fused")}
     for name, res in data["results"].items():
         for key in ("step_s", "cpu_s", "tokens_per_s", "peak_extra_mib"):
             assert positive(res[key]), (name, key, res)
-    for c in ("uld", "min_ed"):
+    for c in criteria:
         assert positive(data["ratios"][f"{c} fused/plain peak_memory"])
         assert data["ratios"][f"{c} fused loss relative difference"] < 1e-5  # the same loss in every form
     assert "| uld | fused |" in table

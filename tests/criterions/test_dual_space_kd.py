@@ -112,25 +112,32 @@ def check(crit, student, sample, want_fn):
     return log
 
 
+IMPLS = [("plain", 1024), ("chunked", 4), ("fused", 5)]  # chunks of 4-5 rows: several per batch, recomputed
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence,temperature", [("forward_kl", 1.0), ("skew_kl", 2.0)])
-def test_dskd_matches_the_per_example_reference(same_tokenizer, divergence, temperature):
+def test_dskd_matches_the_per_example_reference(same_tokenizer, divergence, temperature, impl):
     task, student, teacher, sample = same_tokenizer
     torch.manual_seed(0)
     crit = task.build_criterion(OmegaConf.create({"_name": "dskd", "kd_ratio": KD_RATIO, "temperature": temperature,
-                                                  "dskd_divergence": divergence}))
+                                                  "dskd_divergence": divergence, "kd_impl": impl[0],
+                                                  "kd_chunk_size": impl[1]}))
     assert sum(q.numel() for q in crit.parameters()) == (24 * 16 + 16) + (16 * 24 + 24)
     log = check(crit, student, sample,
                 lambda: reference(crit, task, student, teacher, DIVERGENCE[divergence], temperature, False, EXAMPLES))
     assert {"t2s_ce", "t2s_kd", "s2t_kl", "t2s_correct"} <= log.keys()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence,temperature", [("forward_kl", 1.0), ("skew_kl", 2.0)])
-def test_dskd_cma_matches_the_per_example_reference(setup, divergence, temperature):  # noqa: F811
+def test_dskd_cma_matches_the_per_example_reference(setup, divergence, temperature, impl):  # noqa: F811
     task, student, teacher, sample, _ = setup
     task.student_hidden_dim = 16
     torch.manual_seed(1)  # the projections' initialisation
     crit = task.build_criterion(OmegaConf.create({"_name": "dskd_cma", "kd_ratio": KD_RATIO,
-                                                  "temperature": temperature, "dskd_divergence": divergence}))
+                                                  "temperature": temperature, "dskd_divergence": divergence,
+                                                  "kd_impl": impl[0], "kd_chunk_size": impl[1]}))
     assert crit.projectors.query.weight.shape == (48, 32)
     log = check(crit, student, sample,
           lambda: reference(crit, task, student, teacher, DIVERGENCE[divergence], temperature, True, EXAMPLES))

@@ -91,10 +91,12 @@ def reference(crit, task, student, teacher, t, top_k):
     return base + w_l * ot_l + w_h * ot_h, n_s, ot_l, ot_h, costs
 
 
-@pytest.mark.parametrize("updates,top_k", [(5, 300), (10, 6)])  # t = 0.55 (interpolated) / 1; all / top 6
-def test_multi_cost_ot_matches_the_per_example_reference(setup, updates, top_k):  # noqa: F811
+@pytest.mark.parametrize("updates,top_k,impl", [(5, 300, ("plain", 1024)), (10, 6, ("plain", 1024)),
+                                              (5, 300, ("fused", 4)), (10, 6, ("chunked", 5))])
+def test_multi_cost_ot_matches_the_per_example_reference(setup, updates, top_k, impl):  # noqa: F811
+    """t = 0.55 (interpolated) or 1; all logits or the top 6; in one piece or recomputed chunks."""
     task, student, teacher, sample, _ = setup
-    crit = build(task, ot_top_k=top_k)
+    crit = build(task, ot_top_k=top_k, kd_impl=impl[0], kd_chunk_size=impl[1])
     crit.set_num_updates(updates)
     t = 0.1 + 0.9 * min(updates / 10, 1.0)
     want = {}
