@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cross-tokenizer KD on the bundled Dolly subset (CPU, about 15 minutes): teacher and student have
+# Cross-tokenizer KD on the bundled Dolly subset (CPU, about 25 minutes): teacher and student have
 # different SentencePiece vocabularies (6,000 vs 4,000 pieces), so token-level KD cannot compare them
 # position by position.
 #   1. distill-prepare --teacher-spm-model   the student's data and, in DATA/teacher, the same rows in the
