@@ -3,6 +3,7 @@
 # bash scripts/gpu_wheels.sh (fills ./.whl). Then two device calls, each under 10 minutes, .whl carried:
 #   STAGES="step kernels loss terms generate" bash benchmarks/gpu_checks.sh (about 8 minutes)
 #   STAGES=minillm bash benchmarks/gpu_checks.sh                             (about 5 minutes)
+#   STAGES=cross bash benchmarks/gpu_checks.sh   the cross-tokenizer losses and the OT terms (opt-in)
 # Writes $OUT/gpu_checks.log (everything) and $OUT/gpu_checks.tar.gz (each stage's JSON figures and log,
 # packed again after every stage).
 # The stages run in the order below, the most wanted first (a device call cut short keeps the first).
@@ -55,8 +56,9 @@ stage() {  # name, time limit (s), command...
 }
 if [ "$SMALL" = 1 ]; then
   STEP=(--preset cpu-tiny --warmup 1 --steps 1); LOSS=(--preset cpu-tiny); GEN=(--preset cpu-tiny)
-  TERMS_PRESET=cpu-tiny ACT_PRESET=cpu-tiny
+  TERMS_PRESET=cpu-tiny ACT_PRESET=cpu-tiny CROSS=(--preset cpu-tiny --kd-chunk-size 64) OT_PRESET=cpu-tiny
 else
+  CROSS=(--preset gpt2-xl-base --dtype bf16 --kd-chunk-size 4096)
   STEP=(--preset gpt2-xl-base --warmup 2 --steps 4 --precision bf16 --teacher-dtype bf16)
   LOSS=(--tokens 16384 --vocab 50257 --dtype bf16); GEN=(--preset cpu-small --repeats 2)
 fi
@@ -77,6 +79,9 @@ stage step_compile 240 python3 benchmarks/kd_step.py --device "$DEVICE" "${STEP[
 stage terms 90 python3 benchmarks/minillm_terms.py --device "$DEVICE" --preset "${TERMS_PRESET:-gpt2-xl-base}" \
   --json "$R/minillm_terms.json"
 stage generate 90 python3 benchmarks/generation.py --device "$DEVICE" "${GEN[@]}" --json "$R/generation.json"
+stage cross_loss 240 python3 benchmarks/cross_tokenizer_loss.py --device "$DEVICE" "${CROSS[@]}" \
+  --json "$R/cross_tokenizer_loss.json"
+stage cross_ot 90 python3 benchmarks/ot_terms.py --device "$DEVICE" --preset "${OT_PRESET:-gpt2}" --json "$R/ot_terms.json"
 stage minillm 540 env OUT="$R/minillm" SIZE="${MINILLM_SIZE:-gpt2}" UPDATES="${MINILLM_UPDATES:-32}" \
   bash examples/minillm/gpu_smoke.sh
 echo "== done: $OUT/gpu_checks.log, $OUT/gpu_checks.tar.gz"
