@@ -1,7 +1,7 @@
 """Cross-tokenizer KD from a Hugging Face teacher with its own byte-level BPE tokenizer ("Ġ" word
 markers) to a kd_gpt2 student on a SentencePiece vocabulary ("▁"): distill-prepare
 --teacher-hf-tokenizer, the vocabulary mapping across the two marker conventions, and fairseq-train
-with --criterion uld / min_ed."""
+with --criterion uld / min_ed / multi_cost_ot (DSKD-CMA + OT: the teacher's hidden states and embeddings)."""
 import json
 import os
 import re
@@ -54,7 +54,7 @@ def test_hf_teacher_tokenization_and_mapping(data):
     assert matched > 30
 
 
-@pytest.mark.parametrize("criterion", ["uld", "min_ed"])
+@pytest.mark.parametrize("criterion", ["uld", "min_ed", "multi_cost_ot"])
 def test_hf_teacher_trains_a_student_of_another_tokenizer(criterion, data, tmp_path):
     proc = run([cli("fairseq-train"), data, *TRAIN_COMMON, *TINY_MODEL, "--save-dir", tmp_path / "ckpt",
                 "--max-update", "3", "--criterion", criterion, "--teacher-path", F.hf_dir("gpt2"),
