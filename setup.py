@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not listed: a bare `torch` requirement pulls a multi-GB CUDA build.
     # scripts/setup_env.sh installs the pinned CPU wheel (or keeps an existing torch) first.
-    install_requires=["ve-fairseq==0.12.3", "sentencepiece>=0.2", "editdistance>=0.8", "rouge-score>=0.1.2", "pyyaml"],
+    install_requires=["ve-fairseq==0.12.3", "sentencepiece>=0.2", "rapidfuzz>=3.0", "rouge-score>=0.1.2", "pyyaml"],
     extras_require={
         "hf": ["transformers==5.23.0", "huggingface_hub==2.4.0", "tokenizers==0.23.3", "safetensors==0.8.0"],
         "plot": ["matplotlib"],

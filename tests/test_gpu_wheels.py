@@ -1,5 +1,5 @@
 """The GPU machine gets every requirement: from its image or as a wheel that scripts/gpu_wheels.sh
-fetches (a requirement in neither breaks ``import distill_plugins`` there, as editdistance would have)."""
+fetches (a requirement in neither breaks ``import distill_plugins`` there, as a missing edit-distance package once would have)."""
 import os
 import re
 
@@ -20,4 +20,4 @@ def test_every_requirement_reaches_the_gpu_machine():
         if line:
             wanted.add(normalise(re.split(r"[=<>!~\[ ]", line)[0]))
     assert wanted - on_image - fetched == set()
-    assert "editdistance" in fetched
+    assert "rapidfuzz" in fetched

@@ -149,3 +149,13 @@ def test_cross_tokenizer_benchmark_reports_every_form(tmp_path):
         assert positive(data["ratios"][f"{c} fused/plain peak_memory"])
         assert data["ratios"][f"{c} fused loss relative difference"] < 1e-5  # the same loss in every form
     assert "| uld | fused |" in table
+
+
+def test_alignment_benchmark_reports_the_same_alignments(tmp_path):
+    out = tmp_path / "alignment.json"
+    proc = run([sys.executable, os.path.join(REPO, "benchmarks", "alignment.py"), "--preset", "tiny", "--repeats", "1",
+                "--json", out])
+    data = json.load(open(out))
+    assert data["same"] is True and positive(data["ratio"])
+    assert all(positive(r["tokens_per_s"]) for r in data["results"].values())
+    assert "| ours |" in proc.stdout
