@@ -1,9 +1,14 @@
 """distill_plugins.token_alignment against brute-force references: the vocabulary mapping by least
 edit distance and the DTW alignment (an exhaustive search over every monotone path on small inputs)."""
-import math
+import os
 import random
+import sys
 
+from conftest import REPO
 from distill_plugins.token_alignment import dtw_alignment, normalize_token, vocabulary_mapping
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from alignment import reference as cell_by_cell_dtw  # noqa: E402  (FuseLLM / DSKD's form, cell by cell)
 
 
 def levenshtein(a, b):
@@ -70,34 +75,13 @@ def test_dtw_alignment_is_an_optimal_monotone_path():
         assert path_cost(path, a, b) == best
 
 
-def loop_dtw(a, b):
-    """The table cell by cell and the same trace-back rule (diagonal, then up, then left), as
-    FuseLLM/DSKD write it: the independent reference for long sequences with many ties."""
-    n, m = len(a), len(b)
-    cost = [[levenshtein(normalize_token(x), normalize_token(y)) for y in b] for x in a]
-    acc = [[math.inf] * (m + 1) for _ in range(n + 1)]
-    acc[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            acc[i][j] = cost[i - 1][j - 1] + min(acc[i - 1][j - 1], acc[i - 1][j], acc[i][j - 1])
-    aligned = [[] for _ in range(n)]
-    i, j = n, m
-    while True:
-        aligned[i - 1].insert(0, j - 1)
-        if i == 1 and j == 1:
-            return aligned
-        options = [acc[i - 1][j - 1], acc[i - 1][j], acc[i][j - 1]]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else ((i - 1, j) if move == 1 else (i, j - 1))
-
-
 def test_dtw_alignment_equals_the_cell_by_cell_table_on_long_sequences():
     rng = random.Random(2)
     for n, m in [(1, 30), (30, 1), (57, 73), (120, 90)]:
         pool = [random_token(rng) for _ in range(12)]  # few distinct tokens: many equal costs, ties
         a = [rng.choice(pool) for _ in range(n)]
         b = [rng.choice(pool).replace("▁", "Ġ") for _ in range(m)]
-        assert dtw_alignment(a, b) == loop_dtw(a, b)
+        assert dtw_alignment(a, b) == cell_by_cell_dtw(a, b, distance=levenshtein)  # the test's own distance
 
 
 def test_dtw_alignment_of_two_tokenizations():
