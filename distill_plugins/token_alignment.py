@@ -6,7 +6,10 @@ Pure functions on token strings:
   as DSKD's MinED does before comparing tokens.
 * ``vocabulary_mapping`` maps every teacher token to the student token at the least edit distance
   (FuseLLM / DSKD's ``tea2stu_id_mapping``, top-1: ``max_align_num`` 1); exact matches first, ties to
-  the lower student id. Special symbols map to the student's same special symbol.
+  the lower student id. Special symbols map to the student's same special symbol. The distances of
+  the inexact ones to every student token come from rapidfuzz's ``cdist`` (C++, all cores): 5,645 x
+  6,905 random tokens in 0.13 s against 4.0 s for the per-pair search by length it replaced (session 15,
+  the same mapping).
 * ``dtw_alignment`` aligns two token sequences by dynamic time warping with the edit distance of
   their normalized strings as the cost (FuseLLM's ``dtw``; DSKD ``min_edit_dis_kld.py``): every token
   is aligned to at least one token of the other side, monotonically.
@@ -33,23 +36,15 @@ def edit_distance(a: str, b: str) -> int:
     return int(Levenshtein.distance(a, b))
 
 
-def nearest_token(query: str, by_length: Dict[int, List[int]], strings: Sequence[str]) -> int:
-    """Index of the string in ``strings`` at the least edit distance from ``query`` (ties: the lowest
-    index). ``by_length`` groups the candidate indices by string length: the distance is at least
-    the difference in length, so lengths are searched outward from ``len(query)`` and the search
-    stops once no remaining length can beat the best distance found."""
-    best, best_index = None, None
-    n = len(query)
-    longest = max(by_length) if by_length else 0
-    for gap in range(0, max(n, longest) + 1):
-        if best is not None and gap > best:
-            break
-        for length in {n - gap, n + gap}:
-            for index in by_length.get(length, ()):
-                d = edit_distance(query, strings[index])
-                if best is None or d < best or (d == best and index < best_index):
-                    best, best_index = d, index
-    return best_index
+def nearest_tokens(queries: Sequence[str], candidates: Sequence[str], chunk: int = 256) -> np.ndarray:
+    """For each query, the index of the candidate at the least edit distance (ties: the lowest
+    index): the distances of a chunk of queries to every candidate in one rapidfuzz ``cdist`` call
+    (C++, every core), then the first minimum of each row."""
+    out = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        d = cdist(queries[start:start + chunk], candidates, scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
+        out[start:start + chunk] = d.argmin(axis=1)
+    return out
 
 
 def vocabulary_mapping(teacher_tokens: Sequence[str], student_tokens: Sequence[str],
@@ -58,21 +53,16 @@ def vocabulary_mapping(teacher_tokens: Sequence[str], student_tokens: Sequence[s
     distance (the first ``specials`` ids, fairseq's <s> <pad> </s> <unk>, map to themselves)."""
     student_norm = [normalize_token(t) for t in student_tokens]
     exact: Dict[str, int] = {}
-    by_length: Dict[int, List[int]] = {}
     for i in range(specials, len(student_norm)):
         exact.setdefault(student_norm[i], i)
-        by_length.setdefault(len(student_norm[i]), []).append(i)
     mapping = list(range(min(specials, len(teacher_tokens))))
-    cache: Dict[str, int] = {}
-    for token in teacher_tokens[specials:]:
-        norm = normalize_token(token)
-        if norm in exact:
-            mapping.append(exact[norm])
-            continue
-        if norm not in cache:
-            found = nearest_token(norm, by_length, student_norm)
-            cache[norm] = found if found is not None else 3  # no candidates at all: <unk>
-        mapping.append(cache[norm])
+    teacher_norm = [normalize_token(t) for t in teacher_tokens[specials:]]
+    inexact = sorted({t for t in teacher_norm if t not in exact})
+    found: Dict[str, int] = {}
+    if inexact and len(student_norm) > specials:
+        found = dict(zip(inexact, (specials + nearest_tokens(inexact, student_norm[specials:])).tolist()))
+    for t in teacher_norm:
+        mapping.append(exact[t] if t in exact else found.get(t, 3))  # no candidates at all: <unk>
     return mapping
 
 
