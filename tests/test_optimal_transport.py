@@ -156,3 +156,52 @@ def test_simplex_weights_solve_the_qp(costs, sigma):
     np.testing.assert_allclose(got, want, atol=2e-3)
     if len(set(costs)) == 1:
         np.testing.assert_allclose(got, 1 / 3)
+
+
+def test_logit_transport_with_infinite_logits_matches_a_float64_reference():
+    """Top-k logits with +-inf entries (+inf counts as -inf: probability 0), padding, interpolation:
+    OT_logit against loops in float64 with the plain-domain plan; finite gradients."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(5, 6, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(7, 9, generator=g, dtype=torch.float64) * 2
+    student[0, 1], student[2, 4], teacher[1, 0], teacher[3, 3], teacher[3, 5] = (
+        float("-inf"), float("inf"), float("inf"), float("-inf"), float("-inf"))
+    student.requires_grad_(True)
+    s_mask = torch.tensor([[True, True, True, False], [True, True, False, False]])  # 3 + 2 student labels
+    t_mask = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])  # 4 + 3
+    from distill_plugins.criterions.cross_tokenizer_kd import padded_rows
+
+    k, t, tau = 6, 0.4, 2.0
+    s_top, s_valid = padded_rows(OT.top_logits(student, k).double(), s_mask)
+    t_top, t_valid = padded_rows(OT.top_logits(teacher, k).double(), t_mask)
+    partner = torch.tensor([[0, 1, 1, 2], [0, -1, 1, -1]])  # [B, longest teacher]; -1: no partner
+    sal_s, sal_t = torch.rand(2, 3, generator=g, dtype=torch.float64), torch.rand(2, 4, generator=g, dtype=torch.float64)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    got, _ = OT.logit_transport(s_top, t_top, s_valid, t_valid, partner, sal_s, sal_t, weights, t, tau,
+                                alpha=0.1, max_iter=2000, tol=1e-13)
+    got.sum().backward()
+    assert torch.isfinite(student.grad).all()
+
+    def probs(row):
+        row = [(-np.inf if x == np.inf else x) for x in row]
+        e = [0.0 if x == -np.inf else np.exp(x / tau) for x in row]
+        return np.array(e) / sum(e)
+
+    for b, (s_rows, t_rows) in enumerate([((0, 3), (0, 4)), ((3, 5), (4, 7))]):
+        top = lambda rows: [sorted([(-np.inf if x == np.inf else x) for x in r], reverse=True)[:k]  # noqa: E731
+                            for r in rows]  # +inf counts as -inf, then the k largest
+        s_sorted = top(student.detach().numpy()[s_rows[0]:s_rows[1]])
+        t_sorted = top(teacher.numpy()[t_rows[0]:t_rows[1]])
+        cost = np.zeros((len(t_sorted), len(s_sorted)))
+        for j, tj in enumerate(t_sorted):
+            pj = int(partner[b, j])
+            z = [(1 - t) * s_sorted[pj][v] + t * tj[v] for v in range(k)] if pj >= 0 else tj
+            p = probs(z)
+            for i, si in enumerate(s_sorted):
+                q = probs(si)
+                kl = sum(p[v] * (np.log(p[v]) - np.log(q[v])) for v in range(k) if p[v] > 0 and q[v] > 0)
+                kl += sum(p[v] * np.log(p[v]) for v in range(k) if p[v] > 0 and q[v] == 0)
+                cost[j, i] = (0.2 * np.linalg.norm(p - q) + 0.5 * kl
+                              + 0.3 * abs(float(sal_t[b, j]) - float(sal_s[b, i])))
+        want = (reference_plan(cost, 0.1) * cost).sum()
+        assert got[b].item() == pytest.approx(want, rel=1e-7)
