@@ -1,5 +1,6 @@
 """Helpers for the multi-process tests: launching, parsing train logs, inspecting checkpoints."""
 import os
+import random
 import re
 import socket
 import subprocess
@@ -14,9 +15,22 @@ EXACT = ["--dropout", "0", "--attention-dropout", "0", "--batch-size", "4", "--s
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a rendezvous, below Linux's ephemeral range (32768-60999): a port the OS
+    handed out (bind to 0) can be taken as the local end of another process's outgoing connection
+    (gloo's pairs, the other pytest worker's runs) before the rendezvous binds it, which once made a
+    2-node run's worker abort in the full suite. Each pytest worker draws from its own 6,000 ports."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = 20000 + 6000 * (int(worker[2:]) % 2 if worker[2:].isdigit() else 0)
+    rng = random.Random()
+    for _ in range(200):
+        port = base + rng.randrange(6000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in the test range")
 
 
 def train_args(data, save_dir, *extra, max_update=4):
