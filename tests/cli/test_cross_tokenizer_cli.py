@@ -129,6 +129,8 @@ def test_bad_cross_tokenizer_input(cross_data, data_bin, teacher_ckpt, tiny_json
         # a teacher of the student's dictionary given with the teacher's tokenization
         (["--criterion", "uld", "--teacher-path", teacher_ckpt, "--teacher-data", teacher_data],
          ["dictionary", "differs"]),
+        (["--criterion", "multi_cost_ot", "--teacher-path", teacher, "--teacher-data", teacher_data, "--ot-top-k", "0"],
+         ["--ot-top-k must be >= 1"]),
     ]
     for n, (extra, needles) in enumerate(cases):
         save = tmp_path / f"ckpt{n}"
