@@ -83,10 +83,14 @@ def dtw_alignment(a: Sequence[str], b: Sequence[str]) -> List[List[int]]:
     D[i-1, j]) and C the row's prefix sums of the cost, D[i, j] = C_j + min_{k <= j} (u_k - C_{k-1})
     (enter the row from above at k, then move right), a running minimum; costs are integers, so the
     float64 sums are exact and the table equals the cell-by-cell one."""
-    n, m = len(a), len(b)
-    if n == 0 or m == 0:
-        return [[] for _ in range(n)]
-    cost = edit_costs(a, b)
+    if len(a) == 0 or len(b) == 0:
+        return [[] for _ in range(len(a))]
+    return dtw_path(edit_costs(a, b))
+
+
+def dtw_path(cost: np.ndarray) -> List[List[int]]:
+    """``dtw_alignment`` from its cost matrix [n, m] (n, m >= 1)."""
+    n, m = cost.shape
     acc = np.full((n + 1, m + 1), np.inf)
     acc[0, 0] = 0.0
     for i in range(1, n + 1):

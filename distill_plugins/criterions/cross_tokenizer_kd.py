@@ -111,17 +111,16 @@ class CrossTokenizerKDCriterion(TokenLevelKDCriterion):
         side = sample["teacher"]
         return side, side["target"].ne(self.teacher_pad)
 
-    def kd_term(self, student, sample, mask):
-        """The plain form: the teacher's logits at its labels, gathered for the student's rows."""
+    def taught_rows(self, sample, mask, fused: bool) -> TaughtRows:
         side, teacher_mask = self.teacher_side(sample)
-        teacher = self.task.teacher.logits(side["net_input"])[teacher_mask]  # [N_t, V_t]
-        index = self.teacher_index(mask, sample["target"], teacher_mask, side["target"])
-        taught = TaughtRows(teacher, index, sample["target"][mask], {})
-        d = self.divergence(student, taught.rows(0, index.numel()))
-        return d.sum(), {"aligned_tokens": int(index.ge(0).sum())}
-
-    def chunk_teachers(self, sample, mask):
-        side, teacher_mask = self.teacher_side(sample)
-        source = self.task.teacher.rows(side["net_input"], teacher_mask, fused=self.cfg.kd_impl == "fused")
+        source = self.task.teacher.rows(side["net_input"], teacher_mask, fused=fused)
         index = self.teacher_index(mask, sample["target"], teacher_mask, side["target"])
         return TaughtRows(source, index, sample["target"][mask], {"aligned_tokens": int(index.ge(0).sum())})
+
+    def kd_term(self, student, sample, mask):
+        """The plain form: the teacher's logits at its labels, gathered for all the student's rows."""
+        taught = self.taught_rows(sample, mask, fused=False)
+        return self.divergence(student, taught.rows(0, taught.size(0))).sum(), taught.logs
+
+    def chunk_teachers(self, sample, mask):
+        return self.taught_rows(sample, mask, fused=self.cfg.kd_impl == "fused")

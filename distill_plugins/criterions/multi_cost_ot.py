@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import check
 from ..optimal_transport import hidden_transport, logit_transport, pair_mask, simplex_weights
-from ..token_alignment import dtw_alignment, edit_distance, normalize_token
+from ..token_alignment import dtw_path, edit_costs, normalize_token
 from .cross_tokenizer_kd import load_alignment, padded_rows, rows_by_example
 from .dual_space_kd import DualSpaceKDConfig, DualSpaceKDCrossAttentionCriterion, dual_space_dims
 from .token_level_kd import log_token_means
@@ -87,13 +87,16 @@ def dtw_edit_costs(teacher_tokens: List[str], student_tokens: List[str]) -> Tupl
     and, for each teacher token, the first student token aligned to it (-1 if the student has none)."""
     m, n = len(teacher_tokens), len(student_tokens)
     costs = torch.ones(m, n)
-    aligned = dtw_alignment(teacher_tokens, student_tokens)
+    if m == 0 or n == 0:
+        return costs, [-1] * m
+    distances = edit_costs(teacher_tokens, student_tokens)  # the DTW's own costs, normalised below
+    aligned = dtw_path(distances)
+    t_len = [len(normalize_token(t)) for t in teacher_tokens]
+    s_len = [len(normalize_token(t)) for t in student_tokens]
     for j, targets in enumerate(aligned):
-        a = normalize_token(teacher_tokens[j])
         for i in targets:
-            b = normalize_token(student_tokens[i])
-            costs[j, i] = edit_distance(a, b) / max(len(a), len(b), 1)
-    return costs, [targets[0] if targets else -1 for targets in aligned]
+            costs[j, i] = distances[j, i] / max(t_len[j], s_len[i], 1)
+    return costs, [targets[0] for targets in aligned]
 
 
 class OTProjections(nn.Module):
@@ -184,7 +187,9 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
         dtype = self.ot.teacher.weight.dtype
         h_s, s_valid = padded_rows(out.hidden_s[mask].to(dtype), mask)  # [B, N, d_s]
         h_t, t_valid = padded_rows(self.ot.teacher(out.hidden_t[t_mask].to(dtype)), t_mask)  # [B, M, d_s]
-        ot_logit, logit_costs = self.logit_transport(out.student_top, out.teacher_top, mask, t_mask, h_s, h_t, partner)
+        ot_logit, logit_costs = self.logit_transport(padded_rows(out.student_top, mask)[0],
+                                                     padded_rows(out.teacher_top, t_mask)[0], s_valid, t_valid, h_s, h_t,
+                                                     partner)
         ot_hidden, hidden_costs = self.hidden_transport(h_s.float(), h_t.float(), s_valid, t_valid, edit)
 
         n_s = mask.sum(1).to(ot_logit.dtype)  # each example's OT weighted by its student labels
@@ -203,11 +208,9 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
     def sinkhorn(self):
         return dict(alpha=self.cfg.ot_sinkhorn_alpha, max_iter=self.cfg.ot_sinkhorn_iters)
 
-    def logit_transport(self, student_top, teacher_top, mask, t_mask, h_s, h_t, partner):
+    def logit_transport(self, s_top, t_top, s_valid, t_valid, h_s, h_t, partner):
         """OT_logit per example [B] and its three cost matrices [B, M, N], from both models' sorted
-        top-k logits at their labels."""
-        s_top, s_valid = padded_rows(student_top, mask)  # [B, N, k]
-        t_top, t_valid = padded_rows(teacher_top, t_mask)  # [B, M, k]
+        top-k logits at their labels, padded ([B, N, k], [B, M, k])."""
         sal_s = torch.sigmoid(self.ot.salience(h_s)).squeeze(-1).float()
         sal_t = torch.sigmoid(self.ot.salience(h_t)).squeeze(-1).float()
         return logit_transport(s_top, t_top, s_valid, t_valid, partner, sal_s, sal_t, self.logit_cost_weights.float(),
