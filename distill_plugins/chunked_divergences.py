@@ -221,7 +221,8 @@ def forward_kl_loss_and_grad(
             return ce_rows.sum(), kd_rows.sum(), grad if need_grad else None
         return _forward_kl_masked_loss(s, teacher, labels, r, temperature, need_grad)
     log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
-    log_p = torch.log_softmax(teacher / temperature if temperature != 1.0 else teacher, dim=-1, dtype=torch.float32)
+    log_p = torch.log_softmax(teacher.float() / temperature if temperature != 1.0 else teacher, dim=-1,
+                          dtype=torch.float32)
     p = log_p.exp()
     kd_rows = _row_dot(p, log_p.sub_(log_q))
     del log_p

@@ -107,10 +107,17 @@ def difference_scores(teacher_logp: Tensor, reference_logp: Tensor, lengths: Ten
     return out.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
+def kept_count(keep_fraction: float, n: int) -> int:
+    """floor(keep_fraction * n), exact where the product is an integer up to float rounding
+    (0.29 * 100 is 28.999999999999996 in binary floating point: 29 documents, not 28)."""
+    x = keep_fraction * n
+    return int(round(x)) if abs(x - round(x)) <= 1e-9 * max(1.0, x) else int(math.floor(x))
+
+
 def select_top(scores: Tensor, keep_fraction: float) -> Tensor:
     """Indices (ascending) of the floor(keep_fraction * N) highest scores; ties keep the earlier document."""
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    k = int(keep_fraction * len(scores))
+    k = kept_count(keep_fraction, len(scores))
     order = torch.sort(scores, descending=True, stable=True).indices
     return torch.sort(order[:k]).values

@@ -54,7 +54,10 @@ def sequence_std(x: Tensor, valid: Tensor) -> Tensor:
     n = (m.sum(dim=(1, 2)) * x.size(-1)).clamp_min(2)
     mean = (x * m).sum(dim=(1, 2)) / n
     var = (((x - mean.view(-1, 1, 1)) * m) ** 2).sum(dim=(1, 2)) / (n - 1)
-    return var.sqrt().view(-1, 1, 1)
+    std = var.sqrt()
+    # a sequence with no valid position (or constant entries) keeps its scale: 0 / 0 would put NaN
+    # into rows that no loss reads but whose NaN * 0 still reaches the gradient
+    return torch.where(std > 0, std, torch.ones_like(std)).view(-1, 1, 1)
 
 
 def token_embeddings(model) -> Tensor:

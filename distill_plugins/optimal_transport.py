@@ -54,7 +54,9 @@ def sinkhorn_plan(cost: Tensor, rows: Tensor, cols: Tensor, alpha: float = 0.1, 
     high = cost.masked_fill(~valid, float("-inf")).amax((1, 2), keepdim=True)
     spread = (high - low).masked_fill(~valid.any(2).any(1).view(-1, 1, 1), 0.0)
     if float(alpha * spread.max()) <= PLAIN_DOMAIN_RANGE:
-        plan = _sinkhorn_plain(torch.exp(-alpha * (cost - low.nan_to_num(0.0, 0.0, 0.0))) * valid, a, b, max_iter, tol)
+        # padded entries are set to 0 after the exp (their exp(alpha * low) may overflow; inf * 0 is NaN)
+        kernel = torch.exp(-alpha * (cost - low.nan_to_num(0.0, 0.0, 0.0))).masked_fill(~valid, 0.0)
+        plan = _sinkhorn_plain(kernel, a, b, max_iter, tol)
     else:
         plan = _sinkhorn_log((-alpha * cost).masked_fill(~valid, float("-inf")), a, b, rows, cols, max_iter, tol)
     return plan.masked_fill(~valid, 0.0).nan_to_num(0.0)
@@ -144,6 +146,8 @@ def simplex_weights(costs: Tensor, sigma: float, floor: float = 0.01) -> Tensor:
     if n * floor > 1:
         raise ValueError(f"floor {floor} leaves no weights for {n} costs")
     mass = 1.0 - n * floor
+    if mass <= 1e-12:  # the floor takes all the mass
+        return torch.full_like(c, floor).to(costs.dtype)
     y = 1.0 / n - c / (2.0 * sigma) - floor
     u, _ = torch.sort(y, descending=True)
     css = u.cumsum(0) - mass

@@ -74,22 +74,44 @@ def generation_args(top_p: float = 1.0, temperature: float = 1.0, max_len: int =
     )
 
 
+def length_limit(generator, src_len: int) -> Optional[int]:
+    """The generator's max_len for prompts ``src_len`` wide: the step at which it forces EOS (fairseq's
+    SequenceGenerator and ``PrefillGenerator`` compute it the same way); None for a generator with no
+    such limit."""
+    positions = getattr(generator, "max_positions", None) or getattr(generator, "max_len", None)
+    if positions is None or not hasattr(generator, "max_len_b"):
+        return None
+    return min(int(getattr(generator, "max_len_a", 0) * src_len + generator.max_len_b), positions - 1)
+
+
 @torch.no_grad()
 def generate_responses(task, model, sample, generator=None, **gen_kwargs) -> List[torch.Tensor]:
     """Sample one response per prompt of ``sample`` (a batch of the task's dataset).
 
-    Returns response token tensors (ending with EOS when the model stopped). ``model`` is put in
-    eval mode for sampling (no dropout) and restored afterwards.
+    Returns response token tensors, ending with EOS when the model stopped. fairseq's generators
+    force EOS once prompt + response reach their length limit; that token was never sampled, so it
+    is removed (a cut response has no EOS, as Hugging Face ``generate(max_length=...)`` gives): it
+    would otherwise be scored as a policy action (MiniLLM rollouts) or taught as a stop (SeqKD and
+    student-generated data). ``model`` is put in eval mode for sampling (no dropout) and restored.
     """
     was_training = model.training
     model.eval()
     try:
         if generator is None:
             generator = task.build_generator([model], generation_args(**gen_kwargs))
-        hypos = task.inference_step(generator, [model], dict(sample))
+        request = dict(sample)  # inference_step replaces its net_input with the prompts
+        hypos = task.inference_step(generator, [model], request)
     finally:
         model.train(was_training)
-    return [beams[0]["tokens"] for beams in hypos]
+    prompts = request["net_input"]["src_tokens"]
+    limit = length_limit(generator, prompts.size(1))
+    eos = task.target_dictionary.eos()
+    responses = []
+    for n, beams in zip(request["net_input"]["src_lengths"].tolist(), hypos):
+        tokens = beams[0]["tokens"]
+        forced = limit is not None and tokens.numel() > 0 and int(tokens[-1]) == eos and n + tokens.numel() > limit
+        responses.append(tokens[:-1] if forced else tokens)
+    return responses
 
 
 def batch_from_responses(sample, responses: List[torch.Tensor], pad: int, eos: int, max_len: int,

@@ -92,6 +92,26 @@ def test_analytic_kl_equals_autograd(name, dtype, temperature, kd_ratio, with_in
     close(g, g_ref, dt)
 
 
+@pytest.mark.parametrize("teacher_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("temperature", [3.0, 1.7])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_analytic_kl_divides_a_half_precision_teacher_in_float32(name, teacher_dtype, temperature):
+    """A bf16/fp16 teacher at a temperature that is no power of 2: t / T is taken in float32, as the
+    plain form does (dividing in the teacher's dtype first rounds it: 0.04 logit error at T = 3)."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(64, 50, generator=g).requires_grad_()
+    t = (20 + 10 * torch.randn(64, 50, generator=g)).to(DTYPES[teacher_dtype])
+    labels = torch.randint(0, 50, (64,), generator=g)
+    div = functools.partial(DIVERGENCES[name], temperature=temperature)
+    ref, g_ref = plain_with_grad(s, labels, t, div, 1.0)
+    analytic = forward_kl_loss_and_grad if name == "forward_kl" else reverse_kl_loss_and_grad
+    out = chunked_kd_loss(s, labels, t, div, 1.0, chunk_size=16,
+                          loss_and_grad=functools.partial(analytic, temperature=temperature))
+    (grad,) = torch.autograd.grad(out.loss, s)
+    close(out.kd, ref.kd, torch.float32)
+    close(grad, g_ref, torch.float32)
+
+
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
 def test_analytic_kl_against_float64(name):
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill_plugins.difference_sampling import (document_log_likelihoods, document_windows, difference_scores,
-                                                 select_top)
+                                                 kept_count, select_top)
 
 from conftest import in_memory_kd_task
 
@@ -93,6 +93,14 @@ def test_scores_match_float64_formulas():
     assert difference_scores(torch.tensor([-1.0]), torch.tensor([0.0]), torch.tensor([1]), "ratio")[0] > 1e300
     with pytest.raises(ValueError, match="unknown score"):
         difference_scores(t, r, n, "kl")
+
+
+def test_kept_count_is_the_floor_up_to_float_rounding():
+    """0.29 * 100 = 28.999999999999996 and 0.57 * 100 = 56.99999999999999 in binary: 29 and 57 kept."""
+    assert 0.29 * 100 < 29 and kept_count(0.29, 100) == 29 and kept_count(0.57, 100) == 57
+    assert kept_count(0.99, 6) == 5 and kept_count(0.5, 7) == 3 and kept_count(1.0, 0) == 0
+    assert kept_count(0.3, 10**9) == 3 * 10**8 and kept_count(1 / 3, 10**9) == 333333333
+    assert len(select_top(torch.zeros(100, dtype=torch.float64), 0.29)) == 29
 
 
 def test_select_top_keeps_the_highest_in_corpus_order_and_breaks_ties_by_index():

@@ -73,6 +73,22 @@ def test_sinkhorn_plan_tends_to_the_optimal_assignment_and_stays_finite():
     np.testing.assert_allclose(plan[0].numpy(), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padding_stays_empty_when_the_shifted_kernel_would_overflow_there(dtype):
+    """Costs in [9, 12] at alpha 10: the plain domain applies (spread 3 * 10 <= 50), and a padded
+    entry's exp(-alpha (0 - low)) = exp(90) overflows float32; the plan must still be that of the
+    costs minus 9 (a shift leaves the OT plan unchanged), with no NaN turning an example's plan to 0."""
+    g = torch.Generator().manual_seed(0)
+    cost = (9 + 3 * torch.rand(2, 4, 5, generator=g)).to(dtype)
+    rows = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    cols = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    plan = OT.sinkhorn_plan(cost, rows, cols, alpha=10.0, max_iter=500)
+    shifted = OT.sinkhorn_plan(cost - 9, rows, cols, alpha=10.0, max_iter=500)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum((1, 2)), torch.ones(2, dtype=plan.dtype))
+    torch.testing.assert_close(plan, shifted, rtol=1e-5, atol=1e-7)
+
+
 def test_empty_sequences_transport_nothing(domain):
     cost = torch.rand(3, 4, 5)
     rows = torch.tensor([[True, True, False, False], [False] * 4, [True] * 4])
@@ -205,3 +221,10 @@ def test_logit_transport_with_infinite_logits_matches_a_float64_reference():
                               + 0.3 * abs(float(sal_t[b, j]) - float(sal_s[b, i])))
         want = (reference_plan(cost, 0.1) * cost).sum()
         assert got[b].item() == pytest.approx(want, rel=1e-7)
+
+
+def test_simplex_weights_at_the_largest_floor_are_all_the_floor():
+    """n * floor = 1 (the largest floor the option check allows for three costs): nothing is left to
+    distribute, every weight is the floor."""
+    got = OT.simplex_weights(torch.tensor([1.0, 2.0, 3.0]), 0.7, 1 / 3)
+    torch.testing.assert_close(got, torch.full((3,), 1 / 3))

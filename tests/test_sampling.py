@@ -1,6 +1,7 @@
 """sampling.py: the mixture LM is the weighted mixture, and generated batches are shifted right."""
 import math
 
+import pytest
 import torch
 from fairseq import checkpoint_utils
 
@@ -56,3 +57,40 @@ def test_generated_batch_labels_are_next_tokens(teacher_ckpt, data_bin):
         assert tgt[:n].eq(pad).all()
     assert batch["ntokens"] == sum(len(r) for r in responses)
     assert math.isfinite(float(batch["ntokens"]))
+
+
+def _with_eos_logit(model, eos, value):
+    """``model`` whose output layer gives EOS the logit ``value`` (never / always sampled)."""
+    layer = model.decoder.output_layer
+
+    def output_layer(x):
+        y = layer(x)
+        y[..., eos] = value
+        return y
+
+    model.decoder.output_layer = output_layer
+    return model.eval()
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_the_eos_forced_at_the_length_limit_is_not_a_response_token(prefill):
+    """fairseq's generators force EOS when prompt + response reach max_len; it was never sampled, so the
+    response ends without it (MiniLLM would score it as an action; SeqKD would teach it as a stop)."""
+    from conftest import in_memory_kd_task
+    from distill_plugins.data.prompt_response_dataset import collate_examples, join_prompt_response
+
+    task, student = in_memory_kd_task(tokens_per_sample=16)
+    task.cfg.no_prompt_prefill = not prefill
+    d = task.dictionary
+    pad, eos = d.pad(), d.eos()
+    prompts = [[d.index(f"w{i}") for i in range(n)] for n in (5, 3, 9)]
+    sample = collate_examples([join_prompt_response(torch.tensor(p), torch.tensor([eos]), pad, eos, 16, k)
+                               for k, p in enumerate(prompts)], pad)
+    torch.manual_seed(0)
+    never = _with_eos_logit(student, eos, -30.0)
+    responses = generate_responses(task, never, sample, max_len=16)
+    for p, r in zip(prompts, responses):
+        assert eos not in r.tolist()
+        assert len(p) + len(r) == 15  # generation_args(max_len=16): EOS forced at step 15
+    always = _with_eos_logit(in_memory_kd_task(tokens_per_sample=16)[1], eos, 30.0)
+    assert all(r.tolist() == [eos] for r in generate_responses(task, always, sample, max_len=16))

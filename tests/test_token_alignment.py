@@ -33,15 +33,33 @@ def test_normalize_token_strips_word_markers():
 
 
 def test_vocabulary_mapping_is_the_least_edit_distance_lowest_id():
+    """FuseLLM's rule, brute force: the teacher's marker (here "Ġ") becomes the student's ("▁"), then
+    the equal student token, else the first one at the least edit distance."""
     rng = random.Random(0)
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    student = specials + [random_token(rng) for _ in range(60)]
-    teacher = specials + [random_token(rng) for _ in range(80)]
+    word = lambda: "".join(rng.choice("abcde") for _ in range(rng.randint(1, 5)))  # noqa: E731
+    student = specials + [rng.choice(["", "▁"]) + word() for _ in range(60)]
+    teacher = specials + [rng.choice(["", "Ġ"]) + word() for _ in range(80)]
     mapping = vocabulary_mapping(teacher, student)
     assert mapping[:4] == [0, 1, 2, 3]
+    exact = 0
     for i, token in enumerate(teacher[4:], 4):
-        dists = [levenshtein(normalize_token(token), normalize_token(s)) for s in student[4:]]
+        query = token.replace("Ġ", "▁")
+        dists = [levenshtein(query, s) for s in student[4:]]
         assert mapping[i] == 4 + dists.index(min(dists)), (token, student[mapping[i]])
+        exact += min(dists) == 0
+    assert exact > 10
+
+
+def test_vocabulary_mapping_keeps_word_start_and_inner_pieces_apart():
+    """"▁a" and "a" are different tokens: a vocabulary maps onto itself as the identity, and across
+    marker conventions a word-start piece maps to a word-start piece."""
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "▁a", "a", "▁b", "b", "▁ab"]
+    assert vocabulary_mapping(vocab, vocab) == list(range(len(vocab)))
+    teacher = ["<s>", "<pad>", "</s>", "<unk>", "b", "Ġb", "Ġab", "a", "Ġa", "Ġabc"]
+    assert vocabulary_mapping(teacher, vocab) == [0, 1, 2, 3, 7, 6, 8, 5, 4, 8]
+    words = ["<s>", "<pad>", "</s>", "<unk>", "a", "b", "ab"]  # no markers at all
+    assert vocabulary_mapping(teacher, words) == [0, 1, 2, 3, 5, 5, 6, 4, 4, 6]
 
 
 def path_cost(path, a, b):

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, select_top
+from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, kept_count, select_top
 from ..errors import DistillError, check
 from ..staged_directory import staged_directory
 from ..teacher import Teacher, dictionary_fingerprint
@@ -182,7 +182,7 @@ def run(args, dest, device, rank, world):
     lengths = torch.from_numpy(dataset.sizes.astype("int64"))
     if args.text:
         check_text(args.text, len(dataset))
-    n_keep = int(args.keep_fraction * len(dataset))
+    n_keep = kept_count(args.keep_fraction, len(dataset))
     check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(dataset)}; raise it")
 
     models = {name: Teacher.load(path, task, dtype=args.dtype, device=str(device), role=name)

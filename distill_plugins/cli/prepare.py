@@ -26,7 +26,7 @@ from ..data.instruction_jsonl import read_instruction_jsonl, references, render_
 from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
 from ..errors import DistillError
 from ..staged_directory import staged_directory
-from ..token_alignment import ALIGNMENT_FILE, dictionary_token_strings, normalize_token, vocabulary_mapping
+from ..token_alignment import ALIGNMENT_FILE, dictionary_token_strings, in_student_markers, vocabulary_mapping
 
 SPLITS = ("train", "valid", "test")
 TEACHER_SUBDIR = "teacher"  # cross-tokenizer KD: the teacher's tokenization of the same rows
@@ -156,7 +156,7 @@ def write_alignment(student_tok, student_dir, teacher_tok, teacher_dir):
     student = dictionary_token_strings(student_tok, Dictionary.load(os.path.join(student_dir, "dict.src.txt")))
     teacher = dictionary_token_strings(teacher_tok, Dictionary.load(os.path.join(teacher_dir, "dict.src.txt")))
     mapping = vocabulary_mapping(teacher, student)
-    exact = sum(normalize_token(teacher[i]) == normalize_token(student[j]) for i, j in enumerate(mapping))
+    exact = sum(q == student[j] for q, j in zip(in_student_markers(teacher, student), mapping))
     with open(os.path.join(teacher_dir, ALIGNMENT_FILE), "w", encoding="utf-8") as f:
         json.dump({"student_tokens": student, "teacher_tokens": teacher, "teacher_to_student": mapping},
                   f, ensure_ascii=False)

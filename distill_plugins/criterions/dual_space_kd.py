@@ -12,10 +12,11 @@ criterion's parameters (fairseq's optimizer and checkpoints take them; ``dual_sp
 * ``dskd``: one tokenizer; t2s and s2t at the same label positions.
 * ``dskd_cma``: across tokenizers (``--teacher-data``): cross-model attention aligns the two
   sequences. Queries are the student's detached [input; next-token] embeddings through the
-  ``query`` projection, keys the teacher's [input; next-token] embeddings (each divided by its
-  std over the sequence, ``dual_space.sequence_std``); t2s reads ``t2s``(teacher hidden / std + teacher next-token embedding / std) attended over
-  the teacher's positions, s2t reads ``s2t``(student hidden) attended over the student's positions
-  (the transposed scores). D counts only where argmax t2s is the label; KL(teacher || s2t) is taken
+  ``query`` projection, keys the teacher's [input; next-token] embeddings divided by their std over
+  the sequence's response positions (``dual_space.sequence_std``); t2s reads ``t2s``(teacher hidden /
+  std + teacher next-token embedding / std) attended over the teacher's response positions, s2t reads
+  ``s2t``(student hidden) attended over the student's (the transposed scores; the prompts are masked,
+  as DSKD's ``align_mask`` of the labels). D counts only where argmax t2s is the label; KL(teacher || s2t) is taken
   at the teacher's labels, as a mean over them (scaled by student labels / teacher labels, since the
   loss is divided by the student's label count).
 
@@ -174,17 +175,17 @@ class DualSpaceKDCrossAttentionCriterion(DualSpaceTerms, CrossTokenizerKDCriteri
         with torch.no_grad():
             emb_s = token_embeddings(model).detach()
             emb_t = token_embeddings(self.task.teacher.model).to(hidden_t.device)
-            valid_t = src_t.ne(pad_t)
             t_in, t_next = emb_t[src_t].float(), emb_t[next_tokens(src_t, side["target"], pad_t)].float()
-            t_next = t_next / sequence_std(t_next, valid_t)
-            key = torch.cat([t_in / sequence_std(t_in, valid_t), t_next], dim=-1)
-            t_value_in = hidden_t.float() / sequence_std(hidden_t.float(), valid_t) + t_next
+            key = torch.cat([t_in, t_next], dim=-1)
+            key = key / sequence_std(key, t_mask)
+            t_value_in = (hidden_t.float() / sequence_std(hidden_t.float(), t_mask)
+                          + t_next / sequence_std(t_next, t_mask))
         query = self.projectors.query(torch.cat([emb_s[src_s], emb_s[next_tokens(src_s, sample["target"], pad_s)]],
                                                 dim=-1).to(dtype))
         key = key.to(query.dtype)
-        t2s_hidden = cross_model_attention(query, key, valid_t) @ self.projectors.t2s(t_value_in.to(dtype)).float()
-        s2t_hidden = (cross_model_attention(key, query, src_s.ne(pad_s))
-                      @ self.projectors.s2t(hidden_s.to(dtype)).float())
+        # both directions attend over the other side's response (label) positions only, as DSKD's align_mask
+        t2s_hidden = cross_model_attention(query, key, t_mask) @ self.projectors.t2s(t_value_in.to(dtype)).float()
+        s2t_hidden = cross_model_attention(key, query, mask) @ self.projectors.s2t(hidden_s.to(dtype)).float()
         student_sums, s_top = self.student_side(hidden_s[mask], t2s_hidden[mask], labels, out_s, correct_only=True,
                                                 top_k=top_k)
         teacher_sums, t_top = self.teacher_side(s2t_hidden[t_mask], hidden_t[t_mask], out_t, top_k=top_k)

@@ -25,7 +25,12 @@ ONE_HOT_LOGIT = 100.0
 
 def teacher_rows_for_student(student_ids, teacher_ids, student_tokens, teacher_tokens, teacher_to_student):
     """For each student label, the index of the teacher label that teaches it, or -1 (one-hot)."""
-    aligned = dtw_alignment([student_tokens[i] for i in student_ids], [teacher_tokens[j] for j in teacher_ids])
+    # DSKD's order, dtw(teacher, student): a tie prefers the diagonal, then a step along the teacher
+    by_teacher = dtw_alignment([teacher_tokens[j] for j in teacher_ids], [student_tokens[i] for i in student_ids])
+    aligned = [[] for _ in student_ids]
+    for j, students in enumerate(by_teacher):
+        for i in students:
+            aligned[i].append(j)
     out = []
     for s_id, js in zip(student_ids, aligned):
         ok = len(js) == 1 and teacher_to_student[teacher_ids[js[0]]] == s_id

@@ -132,6 +132,19 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
         self._solved_at = None
         self._edit_cache: Dict[tuple, Tuple[torch.Tensor, List[int]]] = {}
 
+    STATISTICS = ("logit_cost_weights", "hidden_cost_weights", "cost_sums", "cost_batches")
+
+    def _apply(self, fn, *args, **kwargs):
+        """fairseq casts the whole criterion for --bf16/--fp16: the weights and the running cost sums keep
+        their precision (a bf16 batch counter stops at 256), only their device follows."""
+        kept = {name: self._buffers[name] for name in self.STATISTICS}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     # -- schedule and MCW-KD's weight update -----------------------------------------------------------
     def set_num_updates(self, num_updates: int):
         self.num_updates = num_updates

@@ -114,7 +114,10 @@ def min_ed_of_example(mapping, student_words, teacher_words):
     def divergence(s, labels, t, t_labels, ex, temperature):
         s_strings = [student_words[i] for i in labels.tolist()]
         t_strings = [teacher_words[j] for j in t_labels.tolist()]
-        aligned = dtw_alignment(s_strings, t_strings)
+        aligned = [[] for _ in s_strings]  # DSKD's dtw(teacher, student), read from the student's side
+        for j, students in enumerate(dtw_alignment(t_strings, s_strings)):
+            for i in students:
+                aligned[i].append(j)
         total = 0.0
         for i, js in enumerate(aligned):
             goal = torch.full((s.size(-1),), -1e5, dtype=torch.float64)

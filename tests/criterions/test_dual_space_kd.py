@@ -27,7 +27,7 @@ def features(model, tokens, eos):
 
 
 def std(x):
-    return x.double().std()  # unbiased, over every entry of one sequence
+    return x.double().std()  # unbiased, over every entry of one sequence's rows
 
 
 def one_example_terms(crit, student, teacher, s_tokens, n_prompt_s, t_tokens, n_prompt_t, s_eos, t_eos, divergence,
@@ -42,14 +42,16 @@ def one_example_terms(crit, student, teacher, s_tokens, n_prompt_s, t_tokens, n_
         e_s, e_t = student.decoder.embed_tokens.weight.detach(), teacher.decoder.embed_tokens.weight.detach()
         src_s, src_t = [s_eos] + s_tokens[:-1], [t_eos] + t_tokens[:-1]
         q = p.query(torch.cat([e_s[src_s], e_s[s_tokens]], dim=-1)).double()
-        t_in, t_next = e_t[src_t].double(), e_t[t_tokens].double()
-        k = torch.cat([t_in / std(t_in), t_next / std(t_next)], dim=-1)
-        v_t = p.t2s((h_t.double() / std(h_t) + t_next / std(t_next)).float()).double()
-        scores = q @ k.t() / q.size(-1) ** 0.5
+        # DSKD's align_mask: only the response (label) positions are attended, and the std is theirs
+        t_in, t_next = e_t[src_t][rows_t].double(), e_t[t_tokens][rows_t].double()
+        k = torch.cat([t_in, t_next], dim=-1)
+        k = k / std(k)
+        v_t = p.t2s((h_t[rows_t].double() / std(h_t[rows_t]) + t_next / std(t_next)).float()).double()
+        scores = q[rows_s] @ k.t() / q.size(-1) ** 0.5
         t2s_h = torch.softmax(scores, dim=-1) @ v_t
-        s2t_h = torch.softmax(scores.t(), dim=-1) @ p.s2t(h_s).double()
-        t2s = t2s_h[rows_s] @ w_s.t()
-        s2t = s2t_h[rows_t] @ teacher.decoder.output_projection.weight.double().t()
+        s2t_h = torch.softmax(scores.t(), dim=-1) @ p.s2t(h_s[rows_s]).double()
+        t2s = t2s_h @ w_s.t()
+        s2t = s2t_h @ teacher.decoder.output_projection.weight.double().t()
     else:
         t2s = p.t2s(h_t[rows_s]).double() @ w_s.t()
         s2t = p.s2t(h_s[rows_s]).double() @ teacher.decoder.output_projection.weight.double().t()

@@ -159,3 +159,20 @@ def test_no_interpolation_without_max_update(setup):  # noqa: F811
     crit.set_num_updates(3)
     assert crit.interpolation() == 1.0
     assert np.isclose(build(setup[0]).interpolation(), 0.1)
+
+
+@pytest.mark.parametrize("cast", ["bf16", "fp16"])
+def test_mixed_precision_cast_keeps_the_weight_statistics_exact(setup, cast):  # noqa: F811
+    """fairseq's Trainer casts the whole criterion for --bf16/--fp16; the projections follow, the
+    cost weights and running sums do not (a bf16 batch counter would stop at 256)."""
+    crit = build(setup[0])
+    crit.cost_sums += torch.tensor([23.123456789] * 6, dtype=torch.float64)
+    crit = crit.to(torch.bfloat16) if cast == "bf16" else crit.half()
+    assert crit.ot.teacher.weight.dtype == (torch.bfloat16 if cast == "bf16" else torch.float16)
+    assert crit.cost_sums.dtype == crit.cost_batches.dtype == torch.float64
+    assert crit.logit_cost_weights.dtype == crit.hidden_cost_weights.dtype == torch.float32
+    for _ in range(300):
+        crit.cost_batches += 1
+    assert float(crit.cost_batches) == 300.0 and float(crit.cost_sums[0]) == 23.123456789
+    crit.load_state_dict(crit.state_dict())
+    assert crit.cost_sums.dtype == torch.float64
