@@ -216,6 +216,37 @@ def test_min_ed_teaches_one_to_one_aligned_tokens_only(setup):
     assert criterion.teacher_rows(s_ids([]), t_ids([])) == [0]  # an empty response: EOS to EOS
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_min_ed_with_one_tokenizer_is_token_level_kd(tmp_path, temperature):
+    """Both sides tokenized alike, with word-start and word-internal pieces of the same letters ("▁a",
+    "a"): the mapping is the identity, DTW pairs every label with itself, and MinED is forward KL to
+    the teacher at every label: (1 - r) CE + r KL(p || q)."""
+    words = ["▁a", "a", "▁b", "b", "▁ab", ":"]
+    pairs = [(["▁a", ":"], ["▁a", "b", "a"]), (["▁b"], ["▁ab", "a", "▁a"]), ([":"], [])]
+    d = dictionary(words)
+    mapping = vocabulary_mapping(d.symbols, d.symbols)
+    assert mapping == list(range(len(d)))
+    (tmp_path / ALIGNMENT_FILE).write_text(json.dumps(
+        {"student_tokens": d.symbols, "teacher_tokens": d.symbols, "teacher_to_student": mapping}))
+    task = InstructionDistillationTask(InstructionDistillationConfig(tokens_per_sample=32, teacher_data=str(tmp_path)), d)
+    task.teacher_task = InstructionDistillationTask(InstructionDistillationConfig(tokens_per_sample=32), d)
+    student, teacher_model = tiny_model(task, seed=1), tiny_model(task, seed=2, decoder_embed_dim=24)
+    task.teachers = [Teacher(teacher_model, path="<in memory>", sha256="0" * 64)]
+    ds = PairedTokenizationDataset(side(d, pairs), side(d, pairs))
+    sample = ds.collater([ds[i] for i in range(len(ds))])
+    loss, n, log = build(task, "min_ed", temperature=temperature)(student, sample)
+    want, labels = 0.0, 0
+    for prompt, response in pairs:
+        s, y = per_example(student, d, prompt, response)
+        with torch.no_grad():
+            t, _ = per_example(teacher_model, d, prompt, response)
+        want = want + (1 - KD_RATIO) * torch.nn.functional.cross_entropy(s, y, reduction="sum") \
+            + KD_RATIO * D.forward_kl(s, t, temperature=temperature).sum()
+        labels += len(y)
+    assert n == labels and log["aligned_tokens"] == labels
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_paired_positions_take_the_first_labels_of_each_row():
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
     t_mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
