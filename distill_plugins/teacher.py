@@ -70,12 +70,19 @@ class Teacher:
 
     @classmethod
     def load(cls, path: str, task, dtype: str = "fp32", device: Optional[str] = None,
-             role: str = "teacher") -> "Teacher":
+             role: str = "teacher", flag: Optional[str] = None, teacher_data: Optional[str] = None) -> "Teacher":
         """Load a teacher checkpoint for ``task``'s data; refuse a teacher of another vocabulary.
-        ``role`` names the model in messages (another frozen model, e.g. MiniPLM's reference LM)."""
+        ``role`` names the model in messages (another frozen model, e.g. MiniPLM's reference LM) and
+        ``flag`` the option that gave the path (default: --teacher-path for the teacher);
+        ``teacher_data``: ``task`` is the teacher's tokenization (--teacher-data), for the messages."""
+        hint = flag or ("--teacher-path" if role == "teacher" else "its path")
         if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                best = os.path.join(path, "checkpoint_best.pt")
+                example = best if os.path.isfile(best) else os.path.join(path, "checkpoint_best.pt")
+                raise DistillError(f"{role} {path} has no config.json, so it is not a Hugging Face checkpoint "
+                                   f"directory; for a fairseq checkpoint pass its file, e.g. {hint} {example}")
             return cls.load_hf_dir(path, task, dtype=dtype, device=device, role=role)
-        hint = "--teacher-path" if role == "teacher" else "its path"
         if not os.path.isfile(path):
             raise DistillError(f"{role} checkpoint {path} does not exist; check {hint}")
         if not os.access(path, os.R_OK):
@@ -98,6 +105,10 @@ class Teacher:
             recorded["sha256"] is not None and recorded["sha256"] != student["sha256"]
         ):
             same_size = " but other symbols" if recorded["size"] == student["size"] else ""
+            if teacher_data:
+                raise DistillError(
+                    f"{role} dictionary (size {recorded['size']}) differs from that of --teacher-data {teacher_data} "
+                    f"(size {student['size']}{same_size}); pass the teacher trained on that tokenization")
             raise DistillError(
                 f"{role} dictionary (size {recorded['size']}) differs from the student's (size "
                 f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary, "

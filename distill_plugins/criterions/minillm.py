@@ -69,6 +69,7 @@ class MiniLLMConfig(FairseqDataclass):
 @register_criterion("minillm", dataclass=MiniLLMConfig)
 class MiniLLMCriterion(FairseqCriterion):
     trains_on_lm_batch = True  # L_pt on the task's --lm-data batches
+    teachers_taken = 1
 
     def __init__(self, task, cfg: MiniLLMConfig):
         super().__init__(task)

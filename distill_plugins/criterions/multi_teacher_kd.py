@@ -87,6 +87,7 @@ def parse_divergences(text: str, n_teachers: int) -> List[str]:
 @register_criterion("multi_teacher_kd", dataclass=MultiTeacherKDConfig)
 class MultiTeacherKDCriterion(TokenLevelKDCriterion):
     unit_interval_options = ("skew_alpha", "js_beta", "adaptive_kl_alpha")
+    teachers_taken = None  # any number
 
     def __init__(self, task, cfg: MultiTeacherKDConfig):
         super().__init__(task, cfg)  # checks kd_ratio, temperature, options and that a teacher exists

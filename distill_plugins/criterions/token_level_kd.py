@@ -136,6 +136,7 @@ class TokenLevelKDCriterion(FairseqCriterion):
 
     unit_interval_options = ()
     trains_on_lm_batch = True  # the task may pass --lm-data batches (sample["lm"])
+    teachers_taken = 1  # how many --teacher-path/--teacher-cache entries it reads (None: any number)
 
     def __init__(self, task, cfg: TokenLevelKDConfig):
         super().__init__(task)
@@ -145,9 +146,14 @@ class TokenLevelKDCriterion(FairseqCriterion):
         check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
         check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
         check(cfg.lm_coef >= 0, f"--lm-coef must be >= 0, got {cfg.lm_coef}")
+        name = getattr(cfg, "_name", None) or type(self).__name__
+        if not hasattr(task, "teacher"):  # another task (e.g. fairseq's language_modeling) has no teacher
+            task_name = getattr(getattr(task, "cfg", None), "_name", type(task).__name__)
+            raise DistillError(f"--criterion {name} needs a teacher, which --task {task_name} cannot load: use "
+                               "--task instruction_distillation with --teacher-path")
         if getattr(task, "teacher", None) is None:
             raise DistillError(
-                f"criterion {self.__class__.__name__} needs a teacher: pass --teacher-path "
+                f"--criterion {name} needs a teacher: pass --teacher-path "
                 "(or use --criterion cross_entropy for supervised fine-tuning)"
             )
         self.kd_ratio, self.temperature = cfg.kd_ratio, cfg.temperature

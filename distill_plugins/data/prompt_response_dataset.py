@@ -76,6 +76,10 @@ class PromptResponseDataset(SizeOrderedDataset):
     def __len__(self):
         return len(self.prompts)
 
+    def label_counts(self) -> np.ndarray:
+        """Each example's response labels within ``max_len`` (0: its prompt fills the window)."""
+        return self.sizes - self.prompt_sizes
+
     def __getitem__(self, index):
         prompt = self.prompts[index][:-1]  # drop the EOS that binarization appended
         response = self.responses[index]  # keeps its EOS

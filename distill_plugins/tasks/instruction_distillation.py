@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils
@@ -146,6 +147,7 @@ class InstructionDistillationTask(FairseqTask):
         # ImitKD / GKD / DistiLLM: student-generated batches (generated/student_data.py)
         mode = getattr(cfg, "student_data_mode", "off")
         self.student_data = student_data.StudentData(cfg, self) if mode != "off" else None
+        check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         check(cfg.lm_batch_size is None or cfg.lm_batch_size >= 1,
               f"--lm-batch-size must be >= 1, got {cfg.lm_batch_size}")
         self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
@@ -180,6 +182,7 @@ class InstructionDistillationTask(FairseqTask):
         dataset = PromptResponseDataset(
             parts[0], parts[1], self.dictionary, max_len=self.cfg.tokens_per_sample, shuffle=(split == "train")
         )
+        self.check_response_labels(dataset, split)
         if self.cfg.teacher_data:  # cross-tokenizer KD: the teacher's tokenization of the same rows
             teacher = self.teacher_side_task()
             teacher.load_dataset(split, epoch=epoch, combine=combine)
@@ -193,6 +196,22 @@ class InstructionDistillationTask(FairseqTask):
         for t in self.teachers:
             if isinstance(t, CachedTeacher):
                 t.check_dataset(self.datasets[split], split)
+
+    def check_response_labels(self, dataset: PromptResponseDataset, split: str):
+        """Refuse a split where every prompt fills --tokens-per-sample (nothing to learn: loss 0 and
+        wpb 0, or NaN); warn when some do."""
+        n = len(dataset)
+        empty = int((dataset.label_counts() <= 0).sum())
+        if not empty:
+            return
+        longest = int(np.asarray(dataset.prompts.sizes).max()) - 1
+        fix = f"raise --tokens-per-sample (longest prompt: {longest} tokens) or prepare with a smaller --max-prompt-tokens"
+        limit = self.cfg.tokens_per_sample
+        if empty == n:
+            raise DistillError(f"no '{split}' example keeps a response token within --tokens-per-sample {limit} "
+                               f"(every prompt fills it); {fix}")
+        logger.warning(f"{empty} of {n} '{split}' examples keep no response token within --tokens-per-sample "
+                       f"{limit} (their prompts fill it) and teach nothing; {fix}")
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
                            ignore_invalid_inputs=False, required_batch_size_multiple=1, **kwargs):
@@ -243,7 +262,8 @@ class InstructionDistillationTask(FairseqTask):
             paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
             owner = self.teacher_side_task() if self.cfg.teacher_data else self  # whose dictionary
             self.teachers = [
-                Teacher.load(p, owner, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device) for p in paths
+                Teacher.load(p, owner, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device,
+                             teacher_data=self.cfg.teacher_data) for p in paths
             ]
             if self.cfg.teacher_sharding == "fsdp":
                 on_gpu = torch.cuda.is_available() and not self.cfg.cpu
@@ -253,6 +273,22 @@ class InstructionDistillationTask(FairseqTask):
                 for t in self.teachers:
                     t.compile()
         return self.teachers
+
+    def check_teacher_count(self, criterion: str):
+        """A teacher given to a criterion that never reads it (fairseq's default cross_entropy, when
+        --criterion is forgotten) or several given to a single-teacher one would be ignored silently.
+        Criterions say how many they take with ``teachers_taken`` (None: any number; absent: none)."""
+        for flag, value in (("--teacher-path", self.cfg.teacher_path), ("--teacher-cache", self.cfg.teacher_cache)):
+            n = len([p for p in (value or "").split(",") if p.strip()])
+            if not n:
+                continue
+            taken = getattr(CRITERION_REGISTRY.get(criterion), "teachers_taken", 0)
+            if taken == 0:
+                raise DistillError(f"--criterion {criterion} does not use a teacher, but {flag} was given: pass a KD "
+                                   f"criterion (kd, skew_kl, reverse_kl, ...; README) or drop {flag}")
+            if taken is not None and n > taken:
+                raise DistillError(f"--criterion {criterion} takes one teacher, {flag} gives {n}: for several "
+                                   "use --criterion multi_teacher_kd")
 
     def load_teacher_caches(self) -> list:
         check(not self.cfg.teacher_path, "--teacher-path and --teacher-cache both given; pass one of them")
@@ -283,6 +319,7 @@ class InstructionDistillationTask(FairseqTask):
             raise DistillError(f"--criterion {name} distils across tokenizers and needs --teacher-data DIR: the "
                                "teacher's tokenization of the data (DATA/teacher from distill-prepare "
                                "--teacher-spm-model/--teacher-hf-tokenizer)")
+        self.check_teacher_count(name)
         self.load_teachers()
         criterion = super().build_criterion(cfg, from_checkpoint)
         if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):

@@ -1,0 +1,50 @@
+"""fairseq-train mistakes that used to train silently on nothing or without the teacher: one-line
+errors, non-zero exit, no checkpoint (see test_bad_input.py for the helpers)."""
+import logging
+
+import pytest
+
+from test_bad_input import assert_one_line_error, train_fails
+
+
+@pytest.mark.parametrize("extra, needles", [
+    # --criterion forgotten: fairseq's default cross_entropy would train without the teacher it loaded
+    ((), ("--criterion cross_entropy does not use a teacher", "--teacher-path")),
+    (("--criterion", "kd", "--teacher-path", "{t},{t}"), ("--criterion kd takes one teacher", "gives 2",
+                                                        "multi_teacher_kd")),
+    (("--criterion", "kd", "--tokens-per-sample", "0"), ("--tokens-per-sample must be >= 1, got 0",)),
+    # every tiny prompt is longer than 4 tokens: no response label anywhere (was loss 0, wpb 0, exit 0)
+    (("--criterion", "kd", "--tokens-per-sample", "4"), ("no 'valid' example keeps a response token",
+                                                       "--tokens-per-sample 4", "longest prompt")),
+], ids=["teacher-without-kd-criterion", "two-teachers-for-kd", "tokens-per-sample-0", "prompts-fill-the-window"])
+def test_teacher_and_window_mistakes(extra, needles, data_bin, teacher_ckpt, tmp_path):
+    extra = [e.format(t=teacher_ckpt) for e in extra]
+    if "--teacher-path" not in extra:
+        extra += ["--teacher-path", teacher_ckpt]
+    proc = train_fails(data_bin, tmp_path / "ckpt", *extra)
+    assert_one_line_error(proc, *needles)
+
+
+def test_some_prompts_filling_the_window_are_counted_in_a_warning(data_bin, caplog):
+    from distill_plugins.tasks.instruction_distillation import (
+        InstructionDistillationConfig, InstructionDistillationTask)
+
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin))
+    task.load_dataset("train")
+    prompts = task.datasets["train"].prompt_sizes
+    limit = int(sorted(prompts)[len(prompts) // 2])  # about half the prompts fill this window
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin, tokens_per_sample=limit))
+    with caplog.at_level(logging.WARNING):
+        task.load_dataset("train")
+    empty = int((task.datasets["train"].label_counts() == 0).sum())
+    assert 0 < empty < len(prompts) and empty == int((prompts >= limit).sum())
+    assert f"{empty} of {len(prompts)} 'train' examples keep no response token" in caplog.text
+
+
+def test_teacher_path_to_a_save_directory_names_its_checkpoint_file(data_bin, teacher_ckpt, tmp_path):
+    """A fairseq --save-dir instead of its checkpoint_best.pt (was: a message about HF tokenizers)."""
+    import os
+
+    save_dir = os.path.dirname(teacher_ckpt)
+    proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "kd", "--teacher-path", save_dir)
+    assert_one_line_error(proc, "no config.json", f"--teacher-path {teacher_ckpt}")
