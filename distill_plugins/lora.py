@@ -70,11 +70,14 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str) -> List[
         (name, mod) for name, mod in model.named_modules()
         if _matches(name, patterns) and isinstance(getattr(mod, "weight", None), nn.Parameter) and mod.weight.dim() == 2
     ]
-    if not chosen:
+    matrices = [name for name, _ in chosen]
+    unmatched = [t for t in (x.strip() for x in targets.split(",")) if t
+                 and not any(_matches(name, ALIASES.get(t, [t])) for name in matrices)]
+    if not chosen or unmatched:  # a typo beside a good target would otherwise be dropped silently
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise DistillError(
-            f"--lora-targets {targets!r} matches no weight matrix; use q,k,v,o,gate,up,down or one of: "
-            + ", ".join(linear)
+            f"--lora-targets {targets!r}: {', '.join(repr(t) for t in unmatched) or 'nothing'} matches no weight "
+            "matrix of this model; use q,k,v,o,gate,up,down or one of: " + ", ".join(linear)
         )
     model.requires_grad_(False)
     for _name, mod in chosen:
