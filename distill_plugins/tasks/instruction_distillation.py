@@ -383,6 +383,7 @@ class InstructionDistillationTask(FairseqTask):
         if self.restored_state is not None:
             return
         self.restored_state = restored_task_state(self.cfg, update_num)
+        self.load_state_dict(self.restored_state)  # fairseq never calls it: compares the teachers
         saved = self.restored_state.get("lm_order")
         if saved and self.lm_corpus is not None:
             self.lm_corpus.order.load_state_dict(saved)
@@ -394,7 +395,8 @@ class InstructionDistillationTask(FairseqTask):
         if previous and current and previous != current:
             logger.warning(
                 f"resuming with different teachers: the checkpoint was trained with sha256 "
-                f"{[p[:12] for p in previous]}, now {[c[:12] for c in current]}"
+                f"{[p[:12] for p in previous]}, now {[c[:12] for c in current]} (--teacher-path "
+                f"{self.cfg.teacher_path}); if that is not intended, resume with the teachers it was trained with"
             )
 
     # -- generation ----------------------------------------------------------------------------

@@ -48,3 +48,20 @@ def test_teacher_path_to_a_save_directory_names_its_checkpoint_file(data_bin, te
     save_dir = os.path.dirname(teacher_ckpt)
     proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "kd", "--teacher-path", save_dir)
     assert_one_line_error(proc, "no config.json", f"--teacher-path {teacher_ckpt}")
+
+
+def test_resuming_with_another_teacher_warns(data_bin, teacher_ckpt, tmp_path):
+    """fairseq never hands the task its saved state on a resume; the first step compares the teachers."""
+    import shutil
+
+    from conftest import train
+
+    save = tmp_path / "ckpt"
+    train(data_bin, save, "--criterion", "kd", "--teacher-path", teacher_ckpt, max_update=1)
+    same = train(data_bin, save, "--criterion", "kd", "--teacher-path", teacher_ckpt, max_update=2)
+    assert "resuming with different teachers" not in same.stdout + same.stderr
+    other = str(tmp_path / "other.pt")  # another model of the same vocabulary: the student so far
+    shutil.copy(save / "checkpoint_last.pt", other)
+    resumed = train(data_bin, save, "--criterion", "kd", "--teacher-path", other, max_update=3)
+    log = resumed.stdout + resumed.stderr
+    assert "WARNING" in log and "resuming with different teachers" in log and other in log
