@@ -13,6 +13,8 @@
   that names the architectures this package registers (``_explain_missing_arch``).
 - fairseq's decoder self-attention passes an explicit future mask (no FlashAttention) and, with
   padding, a dense [batch x heads, T, T] mask; it goes through ``is_causal`` (``causal_attention.py``).
+- fairseq's own failures in the documented pipeline (--bf16 without a TPU, CUDA asked for on a CPU
+  build, a checkpoint of another model) end in one-line errors (``fairseq_errors.py``).
 """
 import argparse
 import types
@@ -31,8 +33,9 @@ def apply():
     _patch_bleu_empty_sequences()
     _explain_missing_arch()
     _fuse_gelu_accurate()
-    from . import causal_attention, distributed_compat, master_weights
+    from . import causal_attention, distributed_compat, fairseq_errors, master_weights
 
+    fairseq_errors.install()
     causal_attention.apply()
     distributed_compat.apply()
     master_weights.apply()

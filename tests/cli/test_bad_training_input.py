@@ -65,3 +65,22 @@ def test_resuming_with_another_teacher_warns(data_bin, teacher_ckpt, tmp_path):
     resumed = train(data_bin, save, "--criterion", "kd", "--teacher-path", other, max_update=3)
     log = resumed.stdout + resumed.stderr
     assert "WARNING" in log and "resuming with different teachers" in log and other in log
+
+
+def test_fairseq_own_failures_end_in_one_line(data_bin, teacher_ckpt, tmp_path):
+    """fairseq's tracebacks in the documented pipeline become one-line errors (fairseq_errors.py)."""
+    import shutil
+
+    from conftest import USER_DIR, cli, run
+
+    proc = train_fails(data_bin, tmp_path / "a", "--criterion", "kd", "--teacher-path", teacher_ckpt, "--bf16")
+    assert_one_line_error(proc, "fairseq-train --bf16", "distill-train")
+    other = tmp_path / "other"  # a save dir holding another architecture's checkpoint (the wider teacher)
+    other.mkdir()
+    shutil.copy(teacher_ckpt, other / "checkpoint_last.pt")
+    proc = train_fails(data_bin, tmp_path / "b", "--criterion", "kd", "--teacher-path", teacher_ckpt,
+                       "--restore-file", other / "checkpoint_last.pt")
+    assert_one_line_error(proc, "Cannot load model parameters from checkpoint", "another model")
+    proc = run([cli("fairseq-generate"), data_bin, "--user-dir", USER_DIR, "--task", "instruction_distillation",
+                "--cpu", "--path", tmp_path / "nope.pt", "--gen-subset", "test"], check=False)
+    assert_one_line_error(proc, "Model file not found", "check --path")
