@@ -20,4 +20,6 @@ from .models import gpt2_family, hf_causal_lm  # noqa: E402,F401
 from .tasks import instruction_distillation  # noqa: E402,F401
 from .tasks import minillm  # noqa: E402,F401
 
+fairseq_console.restore_log_format()  # again: imported first (distill-train), fairseq's models come in above
+
 __version__ = "0.1.0"

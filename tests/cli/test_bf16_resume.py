@@ -22,6 +22,9 @@ def losses(log):
 
 def test_resumed_bf16_run_continues_exactly(data_bin, tmp_path):
     straight = train_bf16(data_bin, tmp_path / "straight", 4)
+    # distill-train imports this package before fairseq_cli.train sets its log format: still fairseq's
+    assert " | INFO | fairseq_cli.train | " in straight
+    assert not [line for line in straight.splitlines() if line.startswith(("INFO:", "DEBUG:"))]
     first = train_bf16(data_bin, tmp_path / "resumed", 2)
     resumed = train_bf16(data_bin, tmp_path / "resumed", 4)
     assert "restored the fp32 master weights of" in resumed and "@ 2 updates" in resumed
