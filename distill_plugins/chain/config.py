@@ -39,7 +39,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages", "evaluate")
 STAGE_KEYS = ("name", "arch", "init", "teacher", "args", "checkpoint", "pretrained")
 # set by the chain itself when it runs distill-evaluate
-MANAGED_EVAL_OPTIONS = ("data", "json", "md", "name", "responses", "no-progress")
+MANAGED_EVAL_OPTIONS = ("data", "json", "md", "name", "responses", "no-progress", "overwrite")
 # set by the chain itself: the stage's directory, teachers and initial checkpoint
 MANAGED_OPTIONS = {
     "save-dir": "the chain puts each stage in <output_dir>/<stage>",

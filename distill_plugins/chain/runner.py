@@ -267,7 +267,7 @@ class ChainRunner:
         os.makedirs(save_dir, exist_ok=True)
         out = os.path.join(save_dir, "evaluation.json")
         cmd = [evaluate_executable(), self.chain.checkpoint_path(stage), "--data", self.chain.data, "--json", out,
-               "--name", stage.name, "--no-progress"] + option_argv(self.chain.evaluate)
+               "--name", stage.name, "--no-progress", "--overwrite"] + option_argv(self.chain.evaluate)
         self.say(f"{tag}: evaluating {os.path.basename(self.chain.checkpoint_path(stage))} (distill-evaluate)")
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

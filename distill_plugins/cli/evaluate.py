@@ -11,8 +11,8 @@ Defaults are the papers' (spec section 5): sampling with top-k 0 and top-p 1.0 (
 tokens in all (prompt + response), seeds 10 20 30 40 50, rouge-score with stemming, F x 100, the
 maximum over references. PATH may also be a directory (every ``*.pt`` in it is evaluated and the
 best is named) or fairseq-generate output files (scored as one run, one file per seed, against
-``--eval-files`` or the data directory's ``{--split}.jsonl``). Outputs appear only when every
-step succeeded.
+``--eval-files`` or the data directory's ``{--split}.jsonl``; each file must answer every example).
+Outputs appear only when every step succeeded, and replace existing files only with ``--overwrite``.
 """
 import argparse
 import logging
@@ -30,34 +30,44 @@ from ..errors import DistillError
 from ..evaluation.generation_settings import SamplingSettings
 from ..evaluation.report_files import write_atomic, write_json_atomic, write_text_atomic
 from ..evaluation.result_tables import rouge_table, speed_table
-from ..evaluation.scoring import response_text, score_generation_file, score_responses, seed_summary, token_pieces
+from ..evaluation.scoring import response_text, score_generation_files, score_responses, seed_summary, token_pieces
 
 DEFAULT_SEEDS = [10, 20, 30, 40, 50]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` only where the help does not name its default and X is a value."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(prog="distill-evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="checkpoint(s), a directory of checkpoints, or fairseq-generate output files (one per seed)")
     p.add_argument("--data", required=True, help="data directory made by distill-prepare (dictionary, tokenizer)")
     p.add_argument("--eval-files", nargs="+", default=None,
                    help="evaluation jsonl files (default: the data directory's {--split}.jsonl)")
     p.add_argument("--split", default="test", help="data directory split used when no --eval-files are given")
-    p.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
+    p.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="one sampling pass per seed")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="0: off")
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts keep their first tokens")
     p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--max-tokens", type=int, default=None, help="prompt tokens per batch (optional)")
     p.add_argument("--cpu", action="store_true", help="generate on CPU even if a GPU is present")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--md", help="write the markdown tables here (default: --json with .md)")
     p.add_argument("--responses", help="write every generated response here (jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--md/--responses files")
     p.add_argument("--name", help="label of the run (one checkpoint or one set of generation files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -189,11 +199,21 @@ def check_args(args):
                             args.max_length).check()
 
 
+def check_outputs(paths, overwrite: bool):
+    """Refuse output files that exist (unless ``overwrite``) before any work."""
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            raise DistillError(f"output {path} is a directory; pass a file path")
+        if os.path.exists(path) and not overwrite:
+            raise DistillError(f"{path} already exists; pass --overwrite to replace it")
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's task imports configure DEBUG logging
     settings = check_args(args)
     md_path = args.md or (os.path.splitext(args.json)[0] + ".md" if args.json else None)
+    check_outputs([args.json, md_path, args.responses], args.overwrite)
     kind, paths = resolve_paths(args.paths)
     tokenizer = load_tokenizer(args.data)
     eval_files = args.eval_files or [os.path.join(args.data, f"{args.split}.jsonl")]
@@ -205,10 +225,10 @@ def main(argv=None):
     if kind == "generations":
         if len(eval_files) != 1:
             raise DistillError("generation files are scored against one reference file; pass one --eval-files")
-        scores, n = [], 0
-        for path in paths:
-            score, n, _ = score_generation_file(path, rows_of[0], tokenizer)
-            scores.append(score)
+        scores = score_generation_files(paths, rows_of[0], tokenizer, eval_files[0],
+                                        "rerun fairseq-generate to completion on it, or pass the --split "
+                                        "(or --eval-files) it was generated on")
+        n = len(rows_of[0])
         runs = [{"name": args.name or run_labels(paths[:1])[0], "kind": "generations",
                  "sources": [os.path.abspath(p) for p in paths],
                  "files": [{"name": labels[0], "path": os.path.abspath(eval_files[0]), "examples": n,
@@ -218,7 +238,7 @@ def main(argv=None):
         import torch
         from tqdm import tqdm
 
-        from ..evaluation.batched_generation import encode_prompts
+        from ..evaluation.batched_generation import encode_prompts, prompt_dataset
 
         if args.name and len(paths) > 1:
             raise DistillError("--name labels one checkpoint; several are given")
@@ -234,6 +254,11 @@ def main(argv=None):
             if truncated:
                 print(f"| {label}: {truncated} of {len(rows)} prompts cut to their first {args.max_prompt_tokens} tokens",
                       file=sys.stderr, flush=True)
+        if args.max_tokens is not None:  # fairseq's batching asserts otherwise, after the model is loaded
+            longest = max((int(prompt_dataset(es["prompts"], dictionary).sizes.max()), es["label"]) for es in eval_sets)
+            if longest[0] > args.max_tokens:
+                raise DistillError(f"--max-tokens {args.max_tokens} is below the longest example ({longest[0]} tokens, "
+                                   f"prompt + EOS, in {longest[1]}); raise --max-tokens to at least {longest[0]}")
         names = [args.name] if args.name else run_labels(paths)
         runs = []
         for path, name in zip(paths, names):

@@ -5,6 +5,7 @@
 Hypotheses (H- lines, token strings) are decoded with the data directory's tokenizer; references
 are the ``output`` fields of ``{data}/{split}.jsonl`` (several references: the max counts).
 Several files are taken as several seeds: the mean and standard deviation over them are reported.
+Each file must answer every example of the split exactly once (no truncated output, no other split).
 """
 import argparse
 import os
@@ -12,23 +13,24 @@ import os
 from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
 from ..evaluation.report_files import write_json_atomic
-from ..evaluation.scoring import score_generation_file, seed_summary
+from ..evaluation.scoring import score_generation_files, seed_summary
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="distill-score", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="data directory made by distill-prepare")
     p.add_argument("generations", nargs="+", help="fairseq-generate output files (one per seed)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split generated (fairseq-generate --gen-subset)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--name", default=None, help="label of this run in the result")
     args = p.parse_args(argv)
-    rows = read_instruction_jsonl(os.path.join(args.data, f"{args.split}.jsonl"))
+    reference = os.path.join(args.data, f"{args.split}.jsonl")
+    rows = read_instruction_jsonl(reference)
     tokenizer = load_tokenizer(args.data)
-    scores, n = [], 0
-    for path in args.generations:
-        score, n, _ = score_generation_file(path, rows, tokenizer)
-        scores.append(score)
+    scores = score_generation_files(
+        args.generations, rows, tokenizer, f"split {args.split!r} ({reference})",
+        f"rerun fairseq-generate to completion on it (--gen-subset {args.split}), or pass the --split it was generated on")
+    n = len(rows)
     result = {
         "name": args.name,
         "split": args.split,

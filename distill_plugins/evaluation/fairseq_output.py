@@ -6,17 +6,18 @@ from ..errors import DistillError
 
 def read_hypotheses(path: str) -> Dict[int, List[str]]:
     """``{sample id: hypothesis tokens}`` from the ``H-<id>\\t<score>\\t<tokens>`` lines (first
-    hypothesis per id, i.e. the best of ``--nbest``)."""
+    hypothesis per id, i.e. the best of ``--nbest``). A cut-off H- line is an error."""
     hyps: Dict[int, List[str]] = {}
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 if not line.startswith("H-"):
                     continue
-                head, _score, *rest = line.rstrip("\n").split("\t")
-                idx = int(head[2:])
-                if idx not in hyps:
-                    hyps[idx] = rest[0].split() if rest else []
+                fields = line.rstrip("\n").split("\t", 2)
+                if not line.endswith("\n") or len(fields) != 3 or not fields[0][2:].isdigit():
+                    raise DistillError(f"{path}:{lineno} is not a complete H-<id><tab><score><tab><tokens> line; "
+                                       "rerun fairseq-generate to completion")
+                hyps.setdefault(int(fields[0][2:]), fields[2].split())
     except OSError as e:
         raise DistillError(f"cannot read generation file {path}: {e.strerror}") from None
     if not hyps:

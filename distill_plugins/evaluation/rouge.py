@@ -4,6 +4,7 @@
 F-measure, the maximum over references, x 100, averaged over examples. Responses are cut at the
 first end-of-text marker and stripped.
 """
+import logging
 from typing import List, Sequence
 
 _SCORER = None
@@ -16,7 +17,13 @@ def _scorer():
         # would pay at start-up even without --eval-rouge
         from rouge_score import rouge_scorer
 
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        absl = logging.getLogger("absl")  # no "INFO:absl:Using default tokenizer." on stderr
+        level = absl.level
+        absl.setLevel(logging.WARNING)
+        try:
+            _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        finally:
+            absl.setLevel(level)
     return _SCORER
 
 

@@ -34,12 +34,28 @@ def score_responses(responses: Dict[int, str], rows: List[Dict], source: str = "
     return corpus_rouge_l([responses[i] for i in ids], [references(rows[i]) for i in ids]), len(ids)
 
 
-def score_generation_file(path: str, rows: List[Dict], tokenizer) -> Tuple[float, int, List[str]]:
-    """Rouge-L of a fairseq-generate output file (H- lines) against ``rows``: (score, n, predictions)."""
-    hyps = read_hypotheses(path)
-    responses = {i: response_text(tokenizer, pieces) for i, pieces in hyps.items()}
-    score, n = score_responses(responses, rows, source=path)
-    return score, n, [responses[i] for i in sorted(responses)]
+def check_coverage(path: str, ids, n_rows: int, reference: str, fix: str):
+    """A generation file must answer each of the ``n_rows`` examples of ``reference``, no more, no less."""
+    ids = set(ids)
+    missing = sorted(set(range(n_rows)) - ids)
+    extra = sorted(i for i in ids if not 0 <= i < n_rows)
+    if missing or extra:
+        problems = ([f"{len(missing)} missing (first: id {missing[0]})"] if missing else []) + \
+                   ([f"{len(extra)} extra (first: id {extra[0]})"] if extra else [])
+        raise DistillError(f"{path} has hypotheses for {len(ids) - len(extra)} of the {n_rows} examples of "
+                           f"{reference}: {', '.join(problems)}; {fix}")
+
+
+def score_generation_files(paths: Sequence[str], rows: List[Dict], tokenizer, reference: str,
+                           fix: str) -> List[float]:
+    """Rouge-L of each fairseq-generate output file (H- lines; one file per seed) against ``rows``.
+    Every file is read and checked to cover ``rows`` exactly before any is scored, so seeds are
+    averaged over the same examples; ``reference`` and ``fix`` word the error."""
+    hyps = [read_hypotheses(path) for path in paths]
+    for path, h in zip(paths, hyps):
+        check_coverage(path, h, len(rows), reference, fix)
+    return [score_responses({i: response_text(tokenizer, p) for i, p in h.items()}, rows, source=path)[0]
+            for path, h in zip(paths, hyps)]
 
 
 def seed_summary(scores: Sequence[float]) -> Dict[str, float]:

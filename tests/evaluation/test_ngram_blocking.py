@@ -84,7 +84,7 @@ def evaluate_responses(ckpt, data_bin, eval_file, tmp_path, *extra):
     """distill-evaluate's main in this process (the CLI itself runs in tests/cli/test_evaluate.py)."""
     out = tmp_path / "responses.jsonl"
     evaluate.main([ckpt, "--data", data_bin, "--eval-files", eval_file, "--seeds", "10", "--max-length", "48",
-                   "--max-prompt-tokens", "16", "--cpu", "--no-progress", "--responses", str(out), *extra])
+                   "--max-prompt-tokens", "16", "--cpu", "--no-progress", "--responses", str(out), "--overwrite", *extra])
     return [json.loads(line) for line in open(out)]
 
 
