@@ -17,10 +17,12 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import DistillError, check
-from ..staged_directory import staged_directory
+from ..staged_directory import check_output_dir, staged_directory
 from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 from ..teacher import Teacher, dictionary_fingerprint
 from ..teacher_cache import CACHE_DTYPES, CacheWriter, dataset_keys
@@ -47,13 +49,24 @@ def get_parser():
     return p
 
 
-def index_examples(task, splits):
-    """{key: number of labels} over the splits' examples (duplicates once) and examples per split."""
+def load_teacher(path, task, flag="--teacher", role="teacher", **kw) -> Teacher:
+    """``Teacher.load`` for a CLI whose option is ``flag`` (distill-cache-teacher, distill-seqkd,
+    distill-miniplm), so that its messages name that option."""
+    return Teacher.load(path, task, role=role, flag=flag, **kw)
+
+
+def index_examples(task, splits, max_tokens):
+    """{key: number of labels} over the splits' examples (duplicates once) and examples per split;
+    refuses a ``max_tokens`` below the longest example (a batch must hold it)."""
     counts, per_split = {}, {}
     for split in splits:
         task.load_dataset(split)
-        counts.update(dataset_keys(task.dataset(split), task.dictionary.pad()))
-        per_split[split] = len(task.dataset(split))
+        ds = task.dataset(split)
+        longest = int(np.max(ds.sizes)) if len(ds) else 0
+        check(longest <= max_tokens, f"--max-tokens {max_tokens} is below the longest example of the {split} split "
+                                     f"({longest} tokens); pass --max-tokens {longest} or more")
+        counts.update(dataset_keys(ds, task.dictionary.pad()))
+        per_split[split] = len(ds)
     return counts, per_split
 
 
@@ -64,20 +77,19 @@ def main(argv=None):
     logging.getLogger("fairseq").setLevel(logging.WARNING)
     for name in ("top_k", "max_tokens", "chunk_size", "tokens_per_sample"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    out_dir = os.path.abspath(args.out)
-    if os.path.exists(out_dir) and not args.overwrite:
-        raise DistillError(f"{out_dir} already exists; pass --overwrite to replace it")
+    out_dir = check_output_dir(args.out, "--out", "cache.json", args.overwrite,
+                               [("--data", args.data), ("--teacher", args.teacher)])
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     check(bool(splits), "--splits is empty; pass e.g. train,valid")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
 
     t0 = time.time()
     task = InstructionDistillationTask.setup_task(
         InstructionDistillationConfig(data=args.data, tokens_per_sample=args.tokens_per_sample))
     vocab = len(task.dictionary)
     check(args.top_k <= vocab, f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens); use at most {vocab}")
-    teacher = Teacher.load(args.teacher, task, dtype=args.teacher_dtype, device=str(device))
-    counts, per_split = index_examples(task, splits)
+    counts, per_split = index_examples(task, splits, args.max_tokens)
+    teacher = load_teacher(args.teacher, task, dtype=args.teacher_dtype, device=str(device))
     n_rows, k = sum(counts.values()), args.top_k
     print(f"| {len(counts):,} distinct examples ({', '.join(f'{s}: {n:,}' for s, n in per_split.items())}), "
           f"{n_rows:,} label tokens; top-{k} of {vocab}, {args.cache_dtype}", flush=True)

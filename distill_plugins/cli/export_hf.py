@@ -11,11 +11,10 @@ fairseq-only rows (absent specials) are dropped. The directory appears only when
 """
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 from ..errors import DistillError
+from ..staged_directory import check_output_dir, staged_directory
 
 
 def get_parser():
@@ -68,9 +67,8 @@ def to_hf(model, cfg, data: str):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    out = os.path.abspath(args.outdir)
-    if os.path.exists(out) and not args.overwrite:
-        raise DistillError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output_dir(args.outdir, "OUTDIR", "config.json", args.overwrite,
+                           [("CHECKPOINT", args.checkpoint), ("--data", args.data)])
     model, cfg, task = load_fairseq_model(args.checkpoint, args.data)
     from ..data.tokenizers import HFTokenizer, load_tokenizer
 
@@ -83,16 +81,9 @@ def main(argv=None):
         setattr(hf_model.config, f"{role}_token_id", h)
         if hf_model.generation_config is not None:
             setattr(hf_model.generation_config, f"{role}_token_id", h)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out) or ".")
-    try:
-        hf_model.save_pretrained(work, safe_serialization=True)
-        tok.tok.save_pretrained(work)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with staged_directory(out, prefix=".export-") as (_work, staged):
+        hf_model.save_pretrained(staged, safe_serialization=True)
+        tok.tok.save_pretrained(staged)
     n = sum(p.numel() for p in hf_model.parameters())
     print(f"| wrote {out}: {hf_model.config.model_type}, {n:,} parameters, tokenizer of {args.data}", flush=True)
 

@@ -28,10 +28,12 @@ import time
 
 import torch
 
+from ..devices import resolve_device
 from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, kept_count, select_top
 from ..errors import DistillError, check
-from ..staged_directory import staged_directory
-from ..teacher import Teacher, dictionary_fingerprint
+from ..staged_directory import check_output_dir, staged_directory
+from ..teacher import dictionary_fingerprint
+from .cache_teacher import load_teacher
 
 logger = logging.getLogger("distill_plugins.miniplm")
 
@@ -153,15 +155,13 @@ def main(argv=None):
     for name in ("max_tokens", "chunk_size"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check(args.window >= 0, f"--window must be >= 1 (or 0: the models' training length), got {args.window}")
-    dest = os.path.abspath(args.destdir)
-    if os.path.exists(dest) and not args.overwrite:
-        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
-    check(os.path.abspath(args.corpus) != dest, "--destdir must differ from --corpus")
+    inputs = [(f"--{name}", getattr(args, name)) for name in ("data", "corpus", "teacher", "reference", "text")]
+    dest = check_output_dir(args.destdir, "--destdir", "miniplm.json", args.overwrite, inputs)
     for flag, path in (("--teacher", args.teacher), ("--reference", args.reference)):
         check(os.path.exists(path), f"{flag} {path} does not exist")
     if os.path.abspath(args.teacher) == os.path.abspath(args.reference):
         logger.warning("--teacher and --reference are the same model: every difference score is 0")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     rank, world, device = init_workers(device)
     try:
         run(args, dest, device, rank, world)
@@ -185,7 +185,7 @@ def run(args, dest, device, rank, world):
     n_keep = kept_count(args.keep_fraction, len(dataset))
     check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(dataset)}; raise it")
 
-    models = {name: Teacher.load(path, task, dtype=args.dtype, device=str(device), role=name)
+    models = {name: load_teacher(path, task, flag=f"--{name}", dtype=args.dtype, device=str(device), role=name)
               for name, path in (("teacher", args.teacher), ("reference", args.reference))}
     # Default: the shortest length either model was trained on (or, not recorded, can take).
     window = args.window or min(m.trained_length or max_positions(m.model) for m in models.values())

@@ -24,11 +24,12 @@ import time
 
 from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
 from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
-from ..errors import DistillError
-from ..staged_directory import staged_directory
+from ..errors import DistillError, brief, check
+from ..staged_directory import check_output_dir, staged_directory
 from ..token_alignment import ALIGNMENT_FILE, dictionary_token_strings, in_student_markers, vocabulary_mapping
 
 SPLITS = ("train", "valid", "test")
+INPUTS = ("train", "valid", "test", "spm_model", "hf_tokenizer", "teacher_spm_model", "teacher_hf_tokenizer")
 TEACHER_SUBDIR = "teacher"  # cross-tokenizer KD: the teacher's tokenization of the same rows
 
 
@@ -102,6 +103,17 @@ def encode_split(rows, tok, max_prompt, max_total, long_prompts):
     return pairs, kept, counts
 
 
+def spm_tokenizer(path: str, flag: str) -> SentencePieceTokenizer:
+    """The SentencePiece model file ``path`` given as ``flag``; one-line errors for anything else."""
+    check(not os.path.isdir(path), f"{flag} {path} is a directory; pass the .model file in it (e.g. DATA/spm.model)")
+    check(os.path.isfile(path), f"{flag} {path} does not exist")
+    try:
+        return SentencePieceTokenizer(path)
+    except (RuntimeError, OSError) as e:
+        raise DistillError(f"{flag} {path} is not a SentencePiece model ({brief(e)}); pass the spm.model file "
+                           "of a data directory made by distill-prepare") from None
+
+
 def teacher_tokenizer(args):
     """The teacher's own tokenizer for cross-tokenizer KD (--teacher-spm-model / --teacher-hf-tokenizer), or None."""
     if args.teacher_spm_model and args.teacher_hf_tokenizer:
@@ -109,7 +121,7 @@ def teacher_tokenizer(args):
     if args.teacher_hf_tokenizer:
         return HFTokenizer(args.teacher_hf_tokenizer)
     if args.teacher_spm_model:
-        return SentencePieceTokenizer(args.teacher_spm_model)
+        return spm_tokenizer(args.teacher_spm_model, "--teacher-spm-model")
     return None
 
 
@@ -172,9 +184,8 @@ def main(argv=None):
         raise DistillError(f"--workers must be >= 1, got {args.workers}")
     if (args.tokenizer == "hf") != bool(args.hf_tokenizer):
         raise DistillError("--tokenizer hf and --hf-tokenizer DIR go together")
-    dest = os.path.abspath(args.destdir)
-    if os.path.exists(dest) and not args.overwrite:
-        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+    dest = check_output_dir(args.destdir, "--destdir", "prepare_report.json", args.overwrite,
+                            [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in INPUTS])
 
     t0 = time.time()
     files = {s: getattr(args, s) for s in SPLITS if getattr(args, s)}
@@ -182,12 +193,13 @@ def main(argv=None):
     print(f"| read {', '.join(f'{s}: {len(r)} rows' for s, r in data.items())}", flush=True)
 
     teacher_tok = teacher_tokenizer(args)
+    student_spm = spm_tokenizer(args.spm_model, "--spm-model") if args.spm_model and args.tokenizer != "hf" else None
     with staged_directory(dest, prefix=".prepare-") as (work, out):
         if args.tokenizer == "hf":
             tok = HFTokenizer(args.hf_tokenizer)
             print(f"| Hugging Face tokenizer {args.hf_tokenizer}, {tok.vocab.size} tokens", flush=True)
-        elif args.spm_model:
-            tok = SentencePieceTokenizer(args.spm_model)
+        elif student_spm is not None:
+            tok = student_spm
         else:
             texts = [t for r in data["train"] for t in (render_prompt(r), references(r)[0])]
             tok = SentencePieceTokenizer.train(texts, os.path.join(work, "spm"), args.vocab_size)

@@ -8,9 +8,10 @@ dictionary (MiniLLM's and DistiLLM's ``--lm-data``, MiniPLM's pre-training corpu
 Each non-empty line of a text file is one document, tokenized with DATA's tokenizer and followed by
 EOS; the output is what ``fairseq-preprocess --only-source --srcdict DATA/dict.src.txt`` writes
 (``train.{bin,idx}``, ``valid.{bin,idx}`` with --valid, mmap format, and ``dict.txt``), binarized
-here directly. The destination appears only when everything succeeded.
+here directly, and ``prepare_lm.json`` (the counts). The destination appears only when everything succeeded.
 """
 import argparse
+import json
 import os
 import shutil
 
@@ -18,7 +19,9 @@ from fairseq.data import Dictionary, indexed_dataset
 
 from ..data.tokenizers import load_tokenizer
 from ..errors import DistillError
-from ..staged_directory import staged_directory
+from ..staged_directory import check_output_dir, staged_directory
+
+MARKER = "prepare_lm.json"  # what was binarized from what: marks the directory as this tool's output
 
 
 def binarize_text(text_file: str, tok, dictionary: Dictionary, prefix: str, flag: str):
@@ -54,15 +57,18 @@ def main(argv=None):
     for split, path in splits.items():
         if not os.path.isfile(path):
             raise DistillError(f"--{split} {path} does not exist")
-    dest = os.path.abspath(args.destdir)
-    if os.path.exists(dest) and not args.overwrite:
-        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+    dest = check_output_dir(args.destdir, "--destdir", MARKER, args.overwrite,
+                            [("--data", args.data), *((f"--{split}", path) for split, path in splits.items())])
     tok = load_tokenizer(args.data)
     dictionary = Dictionary.load(dict_file)
     with staged_directory(dest, prefix=".prepare-lm-") as (_, out):
         counts = {split: binarize_text(path, tok, dictionary, os.path.join(out, split), f"--{split}")
                   for split, path in splits.items()}
         shutil.copyfile(dict_file, os.path.join(out, "dict.txt"))
+        with open(os.path.join(out, MARKER), "w") as f:
+            json.dump({"data": os.path.abspath(args.data), "splits": {
+                split: {"text": os.path.abspath(splits[split]), "documents": n, "tokens": ntok, "unk": nunk}
+                for split, (n, ntok, nunk) in counts.items()}}, f, indent=1)
     for split, (n, ntok, nunk) in counts.items():
         print(f"| {split}: wrote {n} documents, {ntok} tokens ({nunk} <unk>) to {dest}", flush=True)
 

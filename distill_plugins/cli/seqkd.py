@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -25,10 +24,12 @@ from fairseq.data import data_utils
 
 from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
+from ..devices import resolve_device
 from ..errors import DistillError, check
 from ..generated.responses import sample_responses
+from ..staged_directory import check_output_dir, is_within, staged_directory
 from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
-from ..teacher import Teacher
+from .cache_teacher import load_teacher
 
 
 def get_parser():
@@ -58,6 +59,20 @@ def prepare_limits(data: str) -> list:
         report = json.load(f)
     return ["--max-prompt-tokens", str(report["max_prompt_tokens"]), "--max-total-tokens",
             str(report["max_total_tokens"]), "--long-prompts", report["long_prompts"]]
+
+
+def check_keep_jsonl(path, data, dest):
+    """--keep-jsonl as an absolute path, checked before any generation: its directory exists and it
+    is neither a directory nor a file of --data or --destdir (those are inputs or replaced)."""
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    check(os.path.isdir(parent), f"--keep-jsonl {path}: no directory {parent}; create it or pick another path")
+    check(not os.path.isdir(path), f"--keep-jsonl {path} is a directory; pass a file name (e.g. DIR/seqkd.jsonl)")
+    for flag, top in (("--data", data), ("--destdir", dest)):
+        check(not is_within(path, top), f"--keep-jsonl {path} is inside {flag} {top}; pick a path outside it")
+    return path
 
 
 def generate_split(task, teacher, split, args, device):
@@ -91,30 +106,26 @@ def main(argv=None):
     check(args.temperature > 0, f"--temperature must be > 0, got {args.temperature}")
     check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    dest = os.path.abspath(args.destdir)
-    if os.path.exists(dest) and not args.overwrite:
-        raise DistillError(f"{dest} already exists; pass --overwrite to replace it")
+    dest = check_output_dir(args.destdir, "--destdir", "seqkd.json", args.overwrite,
+                            [("--data", args.data), ("--teacher", args.teacher)])
+    keep = check_keep_jsonl(args.keep_jsonl, args.data, dest)
     for name in (f"{args.split}.jsonl", "spm.model"):
         check(os.path.isfile(os.path.join(args.data, name)),
               f"{args.data} has no {name}; pass a data directory made by distill-prepare")
+    device = resolve_device(args.device)
     rows = read_instruction_jsonl(os.path.join(args.data, f"{args.split}.jsonl"))
     tokenizer = load_tokenizer(args.data)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
 
     t0 = time.time()
     task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=args.data, seed=args.seed))
-    teacher = Teacher.load(args.teacher, task, dtype=args.teacher_dtype, device=str(device)).model
+    teacher = load_teacher(args.teacher, task, dtype=args.teacher_dtype, device=str(device)).model
     check(teacher.max_positions() > args.max_new_tokens,
           f"--max-new-tokens {args.max_new_tokens} does not fit the teacher's {teacher.max_positions()} positions")
     responses = generate_split(task, teacher, args.split, args, device)
     check(len(responses) == len(rows),
           f"{args.data}: {len(rows)} rows in {args.split}.jsonl but {len(responses)} binarized examples")
 
-    work = tempfile.mkdtemp(prefix=".seqkd-", dir=os.path.dirname(dest) or ".")
-    try:
+    with staged_directory(dest, prefix=".seqkd-") as (work, out):
         jsonl = os.path.join(work, f"{args.split}.jsonl")
         n_tokens = 0
         with open(jsonl, "w", encoding="utf-8") as f:
@@ -125,8 +136,6 @@ def main(argv=None):
                 text = tokenizer.decode(task.dictionary.string(ids).split()) if len(ids) else ""
                 new = dict(row, output=text, reference_output=row["output"])
                 f.write(json.dumps(new, ensure_ascii=False) + "\n")
-        if args.keep_jsonl:
-            shutil.copyfile(jsonl, args.keep_jsonl)
         print(f"| generated {len(rows)} responses, {n_tokens / max(len(rows), 1):.1f} tokens on average, "
               f"in {time.time() - t0:.1f}s", flush=True)
         splits = ["--train", jsonl]
@@ -136,18 +145,23 @@ def main(argv=None):
                 splits += [f"--{other}", path]
         from . import prepare
 
-        prepare.main([*splits, "--destdir", dest, "--spm-model", os.path.join(args.data, "spm.model"),
-                      *prepare_limits(args.data), *(["--overwrite"] if args.overwrite else [])])
-        with open(os.path.join(args.data, "dict.src.txt")) as a, open(os.path.join(dest, "dict.src.txt")) as b:
+        # into the (empty) staged directory; it replaces --destdir only once all of this succeeded
+        prepare.main([*splits, "--destdir", out, "--spm-model", os.path.join(args.data, "spm.model"),
+                      *prepare_limits(args.data), "--overwrite"])
+        with open(os.path.join(args.data, "dict.src.txt")) as a, open(os.path.join(out, "dict.src.txt")) as b:
             if a.read() != b.read():
-                shutil.rmtree(dest, ignore_errors=True)
                 raise DistillError("the new data-bin's dictionary differs from the source's; is spm.model intact?")
-        with open(os.path.join(dest, "seqkd.json"), "w") as f:
+        with open(os.path.join(out, "seqkd.json"), "w") as f:
             json.dump({"source": os.path.abspath(args.data), "teacher": os.path.abspath(args.teacher),
                        "split": args.split, "top_p": args.top_p, "temperature": args.temperature,
                        "max_new_tokens": args.max_new_tokens, "seed": args.seed}, f, indent=1)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:  # whole or not at all, like the data-bin
+            try:
+                shutil.copyfile(jsonl, keep + ".partial")
+                os.replace(keep + ".partial", keep)
+            finally:
+                if os.path.exists(keep + ".partial"):
+                    os.remove(keep + ".partial")
 
 
 if __name__ == "__main__":

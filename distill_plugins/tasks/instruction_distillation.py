@@ -39,6 +39,7 @@ from ..data.paired_tokenizations import PairedTokenizationDataset
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
 from ..data.sharded_order import rank_and_world
 from ..data.world_size_resume import track_world_size
+from ..devices import resolve_device
 from ..errors import DistillError, check
 from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
 from ..generated import student_data
@@ -260,6 +261,8 @@ class InstructionDistillationTask(FairseqTask):
             self.teachers = self.load_teacher_caches()
         if self.cfg.teacher_path and not self.teachers:
             paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
+            if self.cfg.teacher_device != "auto":  # auto: the student's device
+                resolve_device(self.cfg.teacher_device, "--teacher-device")
             owner = self.teacher_side_task() if self.cfg.teacher_data else self  # whose dictionary
             self.teachers = [
                 Teacher.load(p, owner, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device,

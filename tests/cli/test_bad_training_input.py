@@ -84,3 +84,11 @@ def test_fairseq_own_failures_end_in_one_line(data_bin, teacher_ckpt, tmp_path):
     proc = run([cli("fairseq-generate"), data_bin, "--user-dir", USER_DIR, "--task", "instruction_distillation",
                 "--cpu", "--path", tmp_path / "nope.pt", "--gen-subset", "test"], check=False)
     assert_one_line_error(proc, "Model file not found", "check --path")
+
+
+@pytest.mark.parametrize("device, needle", [("gpu", "is not a device this command runs on"),
+                                            ("cuda:99", "--teacher-device cuda:99")])
+def test_bad_teacher_device(device, needle, data_bin, teacher_ckpt, tmp_path):
+    proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "kd", "--teacher-path", teacher_ckpt,
+                       "--teacher-device", device)
+    assert_one_line_error(proc, "--teacher-device", needle)
