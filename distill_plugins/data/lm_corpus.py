@@ -42,10 +42,11 @@ class LMBlocks(torch.utils.data.Dataset):
 
 def _check_dictionary(path: str, dictionary: Dictionary, data_dir: str):
     if not os.path.isfile(path):
-        raise DistillError(f"--lm-data: {path} does not exist; prepare the LM data with the student's dictionary")
+        raise DistillError(f"--lm-data: {path} does not exist; prepare the LM data with "
+                           f"python -m distill_plugins.cli.prepare_lm --data {data_dir} --train TEXT --destdir DIR")
     if dictionary_fingerprint(Dictionary.load(path)) != dictionary_fingerprint(dictionary):
-        raise DistillError(f"--lm-data: {path} differs from the student's dictionary; binarize the LM data "
-                           f"with --srcdict {os.path.join(data_dir, 'dict.src.txt')}")
+        raise DistillError(f"--lm-data: {path} differs from the student's dictionary; prepare the LM data with "
+                           f"python -m distill_plugins.cli.prepare_lm --data {data_dir} (its tokenizer and dictionary)")
 
 
 def load_lm_dataset(directory: str, dictionary: Dictionary, data_dir: str, tokens_per_sample: int):
