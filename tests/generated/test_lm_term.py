@@ -115,7 +115,7 @@ def test_bad_lm_options_are_one_line_errors(setup, data_bin, plain_lm_data, tmp_
 
 def test_fairseq_train_with_lm_data_logs_lm_loss(data_bin, teacher_ckpt, plain_lm_data, tmp_path):
     proc = train(data_bin, tmp_path, "--criterion", "skew_kl", "--kd-ratio", "1.0", "--teacher-path", teacher_ckpt,
-                 "--lm-data", plain_lm_data, "--lm-batch-size", "2", "--tokens-per-sample", "64",
+                 "--lm-data", plain_lm_data, "--lm-batch-size", "2", "--tokens-per-sample", "128",
                  "--student-data-mode", "always", "--gen-max-new-tokens", "6", "--replay-buffer-size", "8",
                  max_update=2)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "| train_inner |" in ln]
