@@ -49,12 +49,9 @@ class LoRADelta(nn.Module):
         return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scale
 
 
-def _patterns(targets: str) -> List[str]:
-    out = []
-    for t in (x.strip() for x in targets.split(",")):
-        if t:
-            out += ALIASES.get(t, [t])
-    return out
+def _patterns(targets: str) -> Dict[str, List[str]]:
+    """Each comma-separated target and the module-name suffixes it stands for."""
+    return {t: ALIASES.get(t, [t]) for t in (x.strip() for x in targets.split(",")) if t}
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -65,14 +62,14 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str) -> List[
     """Freeze ``model`` and give the matching 2-D weights a LoRA update; returns their names."""
     if rank <= 0:
         raise DistillError(f"--lora-rank must be > 0, got {rank}")
-    patterns = _patterns(targets)
+    per_target = _patterns(targets)
+    patterns = [p for ps in per_target.values() for p in ps]
     chosen = [
         (name, mod) for name, mod in model.named_modules()
         if _matches(name, patterns) and isinstance(getattr(mod, "weight", None), nn.Parameter) and mod.weight.dim() == 2
     ]
     matrices = [name for name, _ in chosen]
-    unmatched = [t for t in (x.strip() for x in targets.split(",")) if t
-                 and not any(_matches(name, ALIASES.get(t, [t])) for name in matrices)]
+    unmatched = [t for t, ps in per_target.items() if not any(_matches(name, ps) for name in matrices)]
     if not chosen or unmatched:  # a typo beside a good target would otherwise be dropped silently
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise DistillError(

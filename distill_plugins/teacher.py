@@ -78,8 +78,7 @@ class Teacher:
         hint = flag or ("--teacher-path" if role == "teacher" else "its path")
         if os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "config.json")):
-                best = os.path.join(path, "checkpoint_best.pt")
-                example = best if os.path.isfile(best) else os.path.join(path, "checkpoint_best.pt")
+                example = os.path.join(path, "checkpoint_best.pt")
                 raise DistillError(f"{role} {path} has no config.json, so it is not a Hugging Face checkpoint "
                                    f"directory; for a fairseq checkpoint pass its file, e.g. {hint} {example}")
             return cls.load_hf_dir(path, task, dtype=dtype, device=device, role=role)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
-from ..errors import DistillError, check
+from ..errors import check
 from ..staged_directory import check_output_dir, staged_directory
 from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 from ..teacher import Teacher, dictionary_fingerprint
@@ -47,12 +47,6 @@ def get_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
-
-
-def load_teacher(path, task, flag="--teacher", role="teacher", **kw) -> Teacher:
-    """``Teacher.load`` for a CLI whose option is ``flag`` (distill-cache-teacher, distill-seqkd,
-    distill-miniplm), so that its messages name that option."""
-    return Teacher.load(path, task, role=role, flag=flag, **kw)
 
 
 def index_examples(task, splits, max_tokens):
@@ -89,7 +83,7 @@ def main(argv=None):
     vocab = len(task.dictionary)
     check(args.top_k <= vocab, f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens); use at most {vocab}")
     counts, per_split = index_examples(task, splits, args.max_tokens)
-    teacher = load_teacher(args.teacher, task, dtype=args.teacher_dtype, device=str(device))
+    teacher = Teacher.load(args.teacher, task, dtype=args.teacher_dtype, device=str(device), flag="--teacher")
     n_rows, k = sum(counts.values()), args.top_k
     print(f"| {len(counts):,} distinct examples ({', '.join(f'{s}: {n:,}' for s, n in per_split.items())}), "
           f"{n_rows:,} label tokens; top-{k} of {vocab}, {args.cache_dtype}", flush=True)

@@ -32,8 +32,7 @@ from ..devices import resolve_device
 from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, kept_count, select_top
 from ..errors import DistillError, check
 from ..staged_directory import check_output_dir, staged_directory
-from ..teacher import dictionary_fingerprint
-from .cache_teacher import load_teacher
+from ..teacher import Teacher, dictionary_fingerprint
 
 logger = logging.getLogger("distill_plugins.miniplm")
 
@@ -185,7 +184,7 @@ def run(args, dest, device, rank, world):
     n_keep = kept_count(args.keep_fraction, len(dataset))
     check(n_keep >= 1, f"--keep-fraction {args.keep_fraction} keeps no document of {len(dataset)}; raise it")
 
-    models = {name: load_teacher(path, task, flag=f"--{name}", dtype=args.dtype, device=str(device), role=name)
+    models = {name: Teacher.load(path, task, dtype=args.dtype, device=str(device), role=name, flag=f"--{name}")
               for name, path in (("teacher", args.teacher), ("reference", args.reference))}
     # Default: the shortest length either model was trained on (or, not recorded, can take).
     window = args.window or min(m.trained_length or max_positions(m.model) for m in models.values())

@@ -25,11 +25,12 @@ from fairseq.data import data_utils
 from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
 from ..devices import resolve_device
+from ..evaluation.report_files import write_atomic
 from ..errors import DistillError, check
 from ..generated.responses import sample_responses
 from ..staged_directory import check_output_dir, is_within, staged_directory
 from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
-from .cache_teacher import load_teacher
+from ..teacher import Teacher
 
 
 def get_parser():
@@ -118,7 +119,7 @@ def main(argv=None):
 
     t0 = time.time()
     task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=args.data, seed=args.seed))
-    teacher = load_teacher(args.teacher, task, dtype=args.teacher_dtype, device=str(device)).model
+    teacher = Teacher.load(args.teacher, task, dtype=args.teacher_dtype, device=str(device), flag="--teacher").model
     check(teacher.max_positions() > args.max_new_tokens,
           f"--max-new-tokens {args.max_new_tokens} does not fit the teacher's {teacher.max_positions()} positions")
     responses = generate_split(task, teacher, args.split, args, device)
@@ -156,12 +157,8 @@ def main(argv=None):
                        "split": args.split, "top_p": args.top_p, "temperature": args.temperature,
                        "max_new_tokens": args.max_new_tokens, "seed": args.seed}, f, indent=1)
         if keep:  # whole or not at all, like the data-bin
-            try:
-                shutil.copyfile(jsonl, keep + ".partial")
-                os.replace(keep + ".partial", keep)
-            finally:
-                if os.path.exists(keep + ".partial"):
-                    os.remove(keep + ".partial")
+            with open(jsonl, encoding="utf-8") as src:
+                write_atomic(keep, lambda f: shutil.copyfileobj(src, f))
 
 
 if __name__ == "__main__":

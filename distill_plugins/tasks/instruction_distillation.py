@@ -281,11 +281,11 @@ class InstructionDistillationTask(FairseqTask):
         """A teacher given to a criterion that never reads it (fairseq's default cross_entropy, when
         --criterion is forgotten) or several given to a single-teacher one would be ignored silently.
         Criterions say how many they take with ``teachers_taken`` (None: any number; absent: none)."""
+        taken = getattr(CRITERION_REGISTRY.get(criterion), "teachers_taken", 0)
         for flag, value in (("--teacher-path", self.cfg.teacher_path), ("--teacher-cache", self.cfg.teacher_cache)):
             n = len([p for p in (value or "").split(",") if p.strip()])
             if not n:
                 continue
-            taken = getattr(CRITERION_REGISTRY.get(criterion), "teachers_taken", 0)
             if taken == 0:
                 raise DistillError(f"--criterion {criterion} does not use a teacher, but {flag} was given: pass a KD "
                                    f"criterion (kd, skew_kl, reverse_kl, ...; README) or drop {flag}")
