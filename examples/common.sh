@@ -53,5 +53,5 @@ rouge() {
       --no-repeat-ngram-size 6 --max-len-b 511 --seed "$seed" \
       --results-path "$OUT/gen_${name}_seed${seed}" 2>&1 | grep -E "Translated" || true
   done
-  distill-score "$DATA" "$OUT"/gen_"${name}"_seed*/generate-test.txt --name "$name" --json "$OUT/$name.json"
+  distill-score "$DATA" "$OUT"/gen_"${name}"_seed*/generate-test.txt --name "$name" --json "$OUT/$name.json" --overwrite
 }

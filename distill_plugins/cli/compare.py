@@ -13,7 +13,7 @@ import logging
 from typing import Dict, List
 
 from ..errors import DistillError
-from ..evaluation.report_files import write_atomic, write_text_atomic
+from ..evaluation.report_files import check_outputs, write_atomic, write_text_atomic
 from ..evaluation.result_tables import eval_set_names, load_runs, rouge_table
 
 
@@ -25,6 +25,7 @@ def get_parser():
     p.add_argument("--json", help="write the compared runs (names, Rouge-L per evaluation set) here")
     p.add_argument("--png", help="draw a bar chart here")
     p.add_argument("--title", default="Rouge-L (mean ± std over seeds)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --md/--json/--png files")
     return p
 
 
@@ -66,6 +67,7 @@ def main(argv=None):
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's task imports configure DEBUG logging
     if args.names and len(args.names) != len(args.results):
         raise DistillError(f"--names has {len(args.names)} labels for {len(args.results)} result files; give one each")
+    check_outputs([args.md, args.json, args.png], args.overwrite, inputs=args.results)
     runs = []
     for i, path in enumerate(args.results):
         runs += load_runs(path, args.names[i] if args.names else None)

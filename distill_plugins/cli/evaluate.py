@@ -28,7 +28,7 @@ from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
 from ..errors import DistillError
 from ..evaluation.generation_settings import SamplingSettings
-from ..evaluation.report_files import write_atomic, write_json_atomic, write_text_atomic
+from ..evaluation.report_files import check_outputs, write_atomic, write_json_atomic, write_text_atomic
 from ..evaluation.result_tables import rouge_table, speed_table
 from ..evaluation.scoring import response_text, score_generation_files, score_responses, seed_summary, token_pieces
 
@@ -197,15 +197,6 @@ def check_args(args):
         raise DistillError(f"{args.data} has no dict.src.txt; prepare it with distill-prepare")
     return SamplingSettings(args.top_k, args.top_p, args.temperature, args.no_repeat_ngram_size,
                             args.max_length).check()
-
-
-def check_outputs(paths, overwrite: bool):
-    """Refuse output files that exist (unless ``overwrite``) before any work."""
-    for path in filter(None, paths):
-        if os.path.isdir(path):
-            raise DistillError(f"output {path} is a directory; pass a file path")
-        if os.path.exists(path) and not overwrite:
-            raise DistillError(f"{path} already exists; pass --overwrite to replace it")
 
 
 def main(argv=None):

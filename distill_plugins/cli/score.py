@@ -12,7 +12,7 @@ import os
 
 from ..data.instruction_jsonl import read_instruction_jsonl
 from ..data.tokenizers import load_tokenizer
-from ..evaluation.report_files import write_json_atomic
+from ..evaluation.report_files import check_outputs, write_json_atomic
 from ..evaluation.scoring import score_generation_files, seed_summary
 
 
@@ -23,7 +23,9 @@ def main(argv=None):
     p.add_argument("--split", default="test", help="the split generated (fairseq-generate --gen-subset)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--name", default=None, help="label of this run in the result")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    check_outputs([args.json], args.overwrite, inputs=args.generations)
     reference = os.path.join(args.data, f"{args.split}.jsonl")
     rows = read_instruction_jsonl(reference)
     tokenizer = load_tokenizer(args.data)

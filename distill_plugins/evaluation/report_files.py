@@ -5,7 +5,9 @@ A reader (or a crashed run) never sees a half-written JSON, markdown or PNG file
 import json
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable, Optional
+
+from ..errors import DistillError
 
 
 def write_atomic(path: str, write: Callable, mode: str = "w"):
@@ -29,3 +31,15 @@ def write_text_atomic(path: str, text: str):
 
 def write_json_atomic(path: str, obj):
     write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
+
+
+def check_outputs(paths: Iterable[Optional[str]], overwrite: bool, inputs: Iterable[str] = ()):
+    """Refuse output files that exist (unless ``overwrite``), are directories or are inputs, before any work."""
+    inputs = {os.path.realpath(p) for p in inputs}
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            raise DistillError(f"output {path} is a directory; pass a file path")
+        if os.path.realpath(path) in inputs:
+            raise DistillError(f"output {path} is also an input; write the result to another file")
+        if os.path.exists(path) and not overwrite:
+            raise DistillError(f"{path} already exists; pass --overwrite to replace it")

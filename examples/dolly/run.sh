@@ -61,10 +61,10 @@ done
 
 step "6/6 Rouge-L"
 for model in teacher student_sft student_skew_kl; do
-  distill-score "$DATA" "$OUT"/gen_"${model}"_seed*/generate-test.txt --name "$model" --json "$OUT/$model.json"
+  distill-score "$DATA" "$OUT"/gen_"${model}"_seed*/generate-test.txt --name "$model" --json "$OUT/$model.json" --overwrite
 done
 echo
 distill-compare "$OUT/teacher.json" "$OUT/student_sft.json" "$OUT/student_skew_kl.json" \
   --names "teacher (SFT, 4x256)" "student SFT (2x128)" "student skew KL (2x128)" \
-  --json "$OUT/results.json" --md "$OUT/results.md" --png "$OUT/results.png"
+  --json "$OUT/results.json" --md "$OUT/results.md" --png "$OUT/results.png" --overwrite
 step "done: results in $OUT/results.json and $OUT/results.md"

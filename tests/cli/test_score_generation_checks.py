@@ -9,7 +9,7 @@ import random
 import pytest
 
 from conftest import cli, run
-from distill_plugins.cli import evaluate, score
+from distill_plugins.cli import compare, evaluate, score
 from distill_plugins.data.tokenizers import load_tokenizer
 
 
@@ -105,3 +105,34 @@ def test_cut_off_hypothesis_line_is_an_error(data_bin, tmp_path):
     with pytest.raises(SystemExit) as e:
         score.main([data_bin, str(path)])
     one_line_error(e, f"cut.txt:{last_h + 1} is not a complete H-", "rerun fairseq-generate to completion")
+
+
+def test_result_files_are_replaced_only_with_overwrite(data_bin, full, tmp_path):
+    """distill-score --json and distill-compare's outputs refuse an existing file unless --overwrite,
+    and an output that is one of the inputs always."""
+    res = tmp_path / "s.json"
+    score.main([data_bin, full, "--json", str(res)])
+    first = res.read_text()
+    res.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        score.main([data_bin, full, "--json", str(res)])
+    one_line_error(e, "already exists", "--overwrite")
+    assert res.read_text() == "{}"
+    score.main([data_bin, full, "--json", str(res), "--overwrite"])
+    assert res.read_text() == first
+    with pytest.raises(SystemExit) as e:
+        score.main([data_bin, full, "--json", full, "--overwrite"])
+    one_line_error(e, "also an input")
+    md = tmp_path / "cmp.md"
+    compare.main([str(res), "--md", str(md)])
+    table = md.read_text()
+    md.write_text("old")
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(res), "--md", str(md)])
+    one_line_error(e, "already exists")
+    assert md.read_text() == "old"
+    compare.main([str(res), "--md", str(md), "--overwrite"])
+    assert md.read_text() == table
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(res), "--json", str(res), "--overwrite"])
+    one_line_error(e, "also an input")
