@@ -250,7 +250,9 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
     )
     chain = ChainConfig(name, os.path.abspath(path), data, out, training_order(stages),
                         _evaluate_options(raw.get("evaluate")))
-    check_criteria(chain)
+    from .stage_options import check_stage_options
+
+    check_stage_options(chain)
     return chain
 
 
@@ -278,15 +280,21 @@ def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
         out[name] = value
     from ..cli.evaluate import get_parser
 
+    error = parser_error(lambda: get_parser().parse_args(["checkpoint.pt", "--data", "data"] + option_argv(out)))
+    check(not error, f"evaluate: distill-evaluate rejects the options: {error}")
+    return out
+
+
+def parser_error(parse) -> Optional[str]:
+    """Run an argparse ``parse()``; its error message (one line, without the usage) or None."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            get_parser().parse_args(["checkpoint.pt", "--data", "data"] + option_argv(out))
+            parse()
     except SystemExit:
         lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        raise DistillError("evaluate: distill-evaluate rejects the options: "
-                           + (lines[-1].split("error: ", 1)[-1] if lines else "invalid options")) from None
-    return out
+        return lines[-1].split("error: ", 1)[-1] if lines else "invalid options"
+    return None
 
 
 def option_argv(options: Dict[str, Any]) -> List[str]:
@@ -302,31 +310,3 @@ def option_argv(options: Dict[str, Any]) -> List[str]:
         elif value is not True:
             argv.append(str(value))
     return argv
-
-
-def check_criteria(chain: ChainConfig):
-    """Every criterion is registered (after importing distill_plugins), distillation criterions have
-    a teacher, and multi-teacher options match the number of teachers."""
-    import distill_plugins  # noqa: F401  (registers our criterions)
-    from fairseq.criterions import CRITERION_REGISTRY
-
-    from ..criterions.multi_teacher_kd import parse_divergences, parse_weights
-    from ..criterions.token_level_kd import TokenLevelKDCriterion
-
-    for s in chain.stages:
-        if s.pretrained:
-            continue
-        crit = s.criterion
-        if crit not in CRITERION_REGISTRY:
-            ours = sorted(k for k, v in CRITERION_REGISTRY.items() if v.__module__.startswith("distill_plugins"))
-            raise DistillError(
-                f"stage {s.name!r}: unknown criterion {crit!r}; use cross_entropy or one of {', '.join(ours)}"
-            )
-        if issubclass(CRITERION_REGISTRY[crit], TokenLevelKDCriterion) and not s.teachers:
-            raise DistillError(f"stage {s.name!r}: criterion {crit} distills from a teacher; give the stage a teacher: <stage>")
-        if crit == "multi_teacher_kd":
-            try:
-                parse_weights(str(s.args.get("teacher-weights") or ""), len(s.teachers))
-                parse_divergences(str(s.args.get("teacher-divergences") or ""), len(s.teachers))
-            except DistillError as e:
-                raise DistillError(f"stage {s.name!r} ({len(s.teachers)} teacher(s)): {e.message}") from None

@@ -80,12 +80,17 @@ class DualSpaceTerms:
 
     cross_attention = False
 
-    def __init__(self, task, cfg):
-        super().__init__(task, cfg)
+    @classmethod
+    def check_options(cls, cfg, teachers: int):
+        super().check_options(cfg, teachers)
         try:
-            self.kd_divergence = get_divergence(cfg.dskd_divergence)
+            get_divergence(cfg.dskd_divergence)
         except ValueError as e:
             raise DistillError(f"--dskd-divergence: {e}") from None
+
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        self.kd_divergence = get_divergence(cfg.dskd_divergence)
         self.projectors = DualSpaceProjectors(*dual_space_dims(task), cross_attention=self.cross_attention)
 
     def chunk_size(self):

@@ -71,9 +71,9 @@ class MiniLLMCriterion(FairseqCriterion):
     trains_on_lm_batch = True  # L_pt on the task's --lm-data batches
     teachers_taken = 1
 
-    def __init__(self, task, cfg: MiniLLMConfig):
-        super().__init__(task)
-        self.cfg = cfg
+    @classmethod
+    def check_options(cls, cfg, teachers: int):
+        """One-line errors for option values out of range."""
         check(cfg.reward_scaling > 0, f"--reward-scaling must be > 0, got {cfg.reward_scaling}")
         check(cfg.cliprange_reward >= 0, f"--cliprange-reward must be >= 0, got {cfg.cliprange_reward}")
         check(0.0 <= cfg.gamma <= 1.0, f"--gamma must be in [0, 1], got {cfg.gamma}")
@@ -81,6 +81,11 @@ class MiniLLMCriterion(FairseqCriterion):
         check(cfg.lm_coef >= 0, f"--lm-coef must be >= 0, got {cfg.lm_coef}")
         check(0.0 <= cfg.kd_ratio <= 1.0, f"--kd-ratio must be in [0, 1], got {cfg.kd_ratio}")
         check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
+
+    def __init__(self, task, cfg: MiniLLMConfig):
+        super().__init__(task)
+        self.cfg = cfg
+        self.check_options(cfg, len(getattr(task, "teachers", None) or ()))
         if not getattr(task, "provides_rollouts", False):
             raise DistillError("criterion minillm needs rollouts: use --task minillm")
         if getattr(task, "teacher", None) is None:

@@ -108,8 +108,9 @@ class OTProjections(nn.Module):
 
 @register_criterion("multi_cost_ot", dataclass=MultiCostOTConfig)
 class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
-    def __init__(self, task, cfg: MultiCostOTConfig):
-        super().__init__(task, cfg)
+    @classmethod
+    def check_options(cls, cfg, teachers: int):
+        super().check_options(cfg, teachers)
         for name in ("ot_logit_weight", "ot_hidden_weight"):
             check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         for name in ("ot_temperature", "ot_sinkhorn_alpha", "ot_weight_sigma"):
@@ -122,6 +123,9 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
               f"--ot-interpolation-start must be in [0, 1], got {cfg.ot_interpolation_start}")
         check(0.0 <= cfg.ot_weight_floor <= 1.0 / 3,
               f"--ot-weight-floor must be in [0, 1/3] (three weights sum to 1), got {cfg.ot_weight_floor}")
+
+    def __init__(self, task, cfg: MultiCostOTConfig):
+        super().__init__(task, cfg)
         self.student_tokens, self.teacher_tokens, _ = load_alignment(task)
         self.ot = OTProjections(*dual_space_dims(task))
         self.register_buffer("logit_cost_weights", torch.tensor(LOGIT_COST_WEIGHTS))

@@ -89,8 +89,15 @@ class MultiTeacherKDCriterion(TokenLevelKDCriterion):
     unit_interval_options = ("skew_alpha", "js_beta", "adaptive_kl_alpha")
     teachers_taken = None  # any number
 
+    @classmethod
+    def check_options(cls, cfg, teachers: int):
+        super().check_options(cfg, teachers)
+        if teachers:  # none: the teacher check names the problem
+            parse_weights(cfg.teacher_weights, teachers)
+            parse_divergences(cfg.teacher_divergences, teachers)
+
     def __init__(self, task, cfg: MultiTeacherKDConfig):
-        super().__init__(task, cfg)  # checks kd_ratio, temperature, options and that a teacher exists
+        super().__init__(task, cfg)  # checks the options and that a teacher exists
         n = len(task.teachers)
         self.weights = parse_weights(cfg.teacher_weights, n)
         self.divergence_names = parse_divergences(cfg.teacher_divergences, n)

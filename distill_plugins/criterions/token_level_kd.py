@@ -132,20 +132,26 @@ def check_unit_interval(name: str, value: float):
 
 class TokenLevelKDCriterion(FairseqCriterion):
     """Needs ``task.teacher``. Subclasses set their config and ``divergence(student, teacher)``;
-    options named in ``unit_interval_options`` are checked to lie in [0, 1]."""
+    options named in ``unit_interval_options`` are checked to lie in [0, 1] (``check_options``, which
+    distill-chain also runs on every stage before training)."""
 
     unit_interval_options = ()
     trains_on_lm_batch = True  # the task may pass --lm-data batches (sample["lm"])
     teachers_taken = 1  # how many --teacher-path/--teacher-cache entries it reads (None: any number)
 
-    def __init__(self, task, cfg: TokenLevelKDConfig):
-        super().__init__(task)
-        self.cfg = cfg
-        for name in ("kd_ratio",) + tuple(self.unit_interval_options):
+    @classmethod
+    def check_options(cls, cfg, teachers: int):
+        """One-line errors for option values out of range (``teachers``: how many are given)."""
+        for name in ("kd_ratio",) + tuple(cls.unit_interval_options):
             check_unit_interval(name.replace("_", "-"), getattr(cfg, name))
         check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
         check(cfg.kd_chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {cfg.kd_chunk_size}")
         check(cfg.lm_coef >= 0, f"--lm-coef must be >= 0, got {cfg.lm_coef}")
+
+    def __init__(self, task, cfg: TokenLevelKDConfig):
+        super().__init__(task)
+        self.cfg = cfg
+        self.check_options(cfg, len(getattr(task, "teachers", None) or ()))
         name = getattr(cfg, "_name", None) or type(self).__name__
         if not hasattr(task, "teacher"):  # another task (e.g. fairseq's language_modeling) has no teacher
             task_name = getattr(getattr(task, "cfg", None), "_name", type(task).__name__)

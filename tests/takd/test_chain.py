@@ -198,6 +198,17 @@ def test_unknown_criterion_is_an_error(data_bin, tmp_path):
     (lambda c: c.update({"stage": []}), "unknown key(s) stage"),
     (lambda c: c["stages"][2].update({"name": "teacher"}), "two stages are named 'teacher'"),
     (lambda c: c.update({"data": "/nonexistent"}), "has no dict.src.txt"),
+    # option names, types and values: fairseq-train's parser, the task's and the criterion's checks
+    (lambda c: c["stages"][1]["args"].update({"skew-alpa": 0.1}),
+     "stage 'assistant': fairseq-train rejects its options: unrecognized arguments: --skew-alpa 0.1"),
+    (lambda c: c["stages"][1]["args"].update({"kd-ratio": "half"}),
+     "stage 'assistant': fairseq-train rejects its options: argument --kd-ratio: invalid float value: 'half'"),
+    (lambda c: c["defaults"].update({"optimizer": "adamw"}), "stage 'teacher': fairseq-train rejects its options: "
+                                                           "argument --optimizer: invalid choice: 'adamw'"),
+    (lambda c: c["stages"][1]["args"].update({"kd-ratio": 1.5}), "stage 'assistant': --kd-ratio must be in [0, 1], got 1.5"),
+    (lambda c: c["stages"][2]["args"].update({"temperature": 0}), "stage 'student': --temperature must be > 0, got 0.0"),
+    (lambda c: c["stages"][1]["args"].update({"student-data-mode": "mixed", "student-data-lambda": 2}),
+     "stage 'assistant': --student-data-lambda must be in [0, 1]"),
 ])
 def test_other_bad_chain_files(data_bin, tmp_path, edit, message):
     chain = chain_dict(data_bin)
