@@ -206,7 +206,7 @@ def _hf_model_with(model_cls_or_config, config, state):
         if isinstance(model_cls_or_config, type):
             model = model_cls_or_config(config)
         else:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
     load_base_weights(model, state, ignore_missing=_tied_output_keys(model))
     return model.eval()
@@ -232,7 +232,7 @@ class HFDecoder(FairseqIncrementalDecoder):
         from transformers.initialization import no_init_weights
 
         with no_init_weights():  # every weight is loaded right after (HF weights or a checkpoint)
-            self.hf = AutoModelForCausalLM.from_config(_hf_ids_config(config, vocab))
+            self.hf = AutoModelForCausalLM.from_config(_hf_ids_config(config, vocab), dtype=torch.float32)
         self.hf.tie_weights()  # skipped under no_init_weights
         self.register_buffer("absent_rows", torch.tensor(vocab.absent_rows(), dtype=torch.long), persistent=False)
         # RoPE frequencies stay fp32 when fairseq casts the model to fp16/bf16 (HF computes RoPE in fp32)

@@ -176,3 +176,10 @@ def test_export_kd_gpt2_student_trained_from_scratch(tmp_path):
     real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
     assert reloaded.config.model_type == "gpt2" and reloaded.config.n_layer == 1
     assert (F.in_hf_order(ours, vocab) - theirs)[real].abs().max().item() <= TOL
+
+
+def test_wrapped_model_is_float32_whatever_the_config_dtype():
+    """Real checkpoints say dtype bfloat16 in config.json; transformers' from_config follows it, which
+    trained a student in bf16 without --bf16 (updates lost) and loaded fp32 weights rounded."""
+    _, model, _ = build("llama", overrides=(("torch_dtype", "bfloat16"),))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
