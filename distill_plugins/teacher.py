@@ -113,6 +113,15 @@ class Teacher:
                 f"{student['size']}{same_size}); prepare the student's data with the teacher's tokenizer and dictionary, "
                 "or distil across tokenizers (--criterion uld, min_ed or dskd_cma with --teacher-data, README)"
             )
+        from fairseq import utils
+
+        from .data.tokenizers import check_tokenizer_identity
+
+        data = utils.split_paths(task.cfg.data)[0]
+        fix = ("pass the teacher trained on that tokenization" if teacher_data else
+               "prepare the student's data with the teacher's tokenizer, or distil across tokenizers (--criterion "
+               "uld, min_ed or dskd_cma with --teacher-data, README)")
+        check_tokenizer_identity((state.get("task_state") or {}).get("tokenizer"), data, f"{role} {path}", fix)
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
         models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
         teacher = cls(models[0], path=os.path.abspath(path), sha256=sha256_file(path), dtype=dtype, device=device)

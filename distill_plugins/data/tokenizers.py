@@ -4,10 +4,11 @@ The data directory records its tokenizer in ``tokenizer.json`` so that every lat
 generation, scoring) decodes with exactly the same one: a SentencePiece model trained here, or a
 Hugging Face checkpoint's own tokenizer (``HFTokenizer``), behind the same four methods.
 """
+import hashlib
 import json
 import os
 import shutil
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from ..errors import DistillError
 
@@ -119,6 +120,37 @@ def load_tokenizer_meta(data_dir: str) -> dict:
         raise DistillError(f"{data_dir} has no {TOKENIZER_META}; prepare it with distill-prepare")
     with open(path) as f:
         return json.load(f)
+
+
+def tokenizer_identity(data_dir: str) -> Optional[dict]:
+    """What decides a data directory's tokenization beyond its dict.txt, recorded in checkpoints so
+    that a model is never used with data of another tokenizer: the HF tokenizer's fingerprint (dict.txt
+    of an HF tokenizer holds only ids, so two tokenizers of one size share it) or the sha256 of the
+    SentencePiece model (same pieces, other scores: other segmentations). None without tokenizer.json."""
+    path = os.path.join(data_dir, TOKENIZER_META)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("type") == HFTokenizer.kind:
+        return {"type": HFTokenizer.kind, "sha256": meta.get("fingerprint")}
+    if meta.get("type") == SentencePieceTokenizer.kind and os.path.isfile(os.path.join(data_dir, meta.get("model", ""))):
+        with open(os.path.join(data_dir, meta["model"]), "rb") as f:
+            return {"type": SentencePieceTokenizer.kind, "sha256": hashlib.sha256(f.read()).hexdigest()}
+    return None
+
+
+def check_tokenizer_identity(recorded: Optional[dict], data_dir: str, what: str, fix: str) -> None:
+    """Refuse ``what`` (a checkpoint, with the ``tokenizer_identity`` it recorded) for the data in
+    ``data_dir`` if their tokenizers differ; nothing to compare (older checkpoints, plain data): pass."""
+    current = tokenizer_identity(data_dir)
+    if not recorded or current is None or recorded == current:
+        return
+    raise DistillError(
+        f"{what} was trained on data of another tokenizer than {data_dir} ({recorded.get('type')} "
+        f"{str(recorded.get('sha256'))[:12]} vs {current['type']} {str(current['sha256'])[:12]}; the dictionaries "
+        f"may look alike, the token ids mean other text); {fix}"
+    )
 
 
 def load_tokenizer(data_dir: str):

@@ -39,6 +39,7 @@ from ..data.paired_tokenizations import PairedTokenizationDataset
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
 from ..data.sharded_order import rank_and_world
 from ..data.world_size_resume import track_world_size
+from ..data.tokenizers import check_tokenizer_identity, tokenizer_identity
 from ..devices import resolve_device
 from ..errors import DistillError, check
 from ..evaluation.validation_rouge import ValidationRouge, reduce_rouge_metrics
@@ -345,6 +346,7 @@ class InstructionDistillationTask(FairseqTask):
     def state_dict(self):
         return {
             "dictionary": dictionary_fingerprint(self.dictionary),
+            "tokenizer": tokenizer_identity(utils.split_paths(self.cfg.data)[0]),
             "teachers": [t.record() for t in self.teachers],
             "student_data": self.student_data.state_dict() if self.student_data is not None else None,
             "lm_order": self.lm_corpus.order.state_dict() if self.lm_corpus is not None else None,
@@ -393,6 +395,10 @@ class InstructionDistillationTask(FairseqTask):
             logger.info(f"--lm-data order restored at epoch {saved['epoch']}, position {saved['pos']}")
 
     def load_state_dict(self, state_dict):
+        # fairseq calls this for every checkpoint it loads with this task (fairseq-generate, export, teachers)
+        data = utils.split_paths(self.cfg.data)[0]
+        check_tokenizer_identity((state_dict or {}).get("tokenizer"), data, "this checkpoint",
+                                 "pass the data directory it was trained on")
         previous = [t["sha256"] for t in (state_dict or {}).get("teachers", [])]
         current = [t.sha256 for t in self.teachers]
         if previous and current and previous != current:
