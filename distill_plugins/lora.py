@@ -15,6 +15,7 @@ q, k, v, o (attention), gate, up, down (MLP). HF GPT-2 fuses q, k, v into ``attn
 q/k/v selects the whole fused matrix there.
 """
 import math
+import re
 from typing import Dict, Iterable, List
 
 import torch
@@ -103,19 +104,30 @@ def merge_lora(model: nn.Module) -> int:
     return count
 
 
-def load_base_weights(model: nn.Module, state: dict, strict: bool = True, ignore_missing=()):
+def load_base_weights(model: nn.Module, state: dict, strict: bool = True, ignore_missing=(), ignore_unexpected=()):
     """``model.load_state_dict`` for a state dict without LoRA: a weight that carries a LoRA update
     is stored as ``<module>.parametrizations.weight.original`` and its ``lora_A/B`` keep their values.
-    Strict about parameters (buffers may be missing), except the keys in ``ignore_missing``."""
+    Strict about parameters (buffers may be missing), except the keys in ``ignore_missing`` and the
+    extra keys matching a regex of ``ignore_unexpected``; shapes must fit (one-line error)."""
     own = model.state_dict()
     renamed = {}
     for key, value in state.items():
         alt = key[: -len(".weight")] + ".parametrizations.weight.original" if key.endswith(".weight") else key
         renamed[alt if key not in own and alt in own else key] = value
+    unfit = [f"{k} {tuple(v.shape)} where the model has {tuple(own[k].shape)}" for k, v in renamed.items()
+             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    if unfit:
+        raise DistillError(f"weights do not fit the model built from its config: {'; '.join(unfit[:3])}"
+                           f"{f' (and {len(unfit) - 3} more)' if len(unfit) > 3 else ''}; config.json and the weights "
+                           "disagree")
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     skip = set(ignore_missing) | {k[: -len(".parametrizations.weight.original")] + ".weight" for k in ignore_missing}
     missing = [k for k in missing if k in params and ".parametrizations.weight.0." not in k and k not in skip]
+    if ignore_unexpected:
+        ignored = re.compile("|".join(f"({p})" for p in ignore_unexpected))
+        unexpected = [k for k in unexpected if not ignored.search(k)]
     if strict and (missing or unexpected):
-        raise DistillError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise DistillError(f"weights do not fit the model built from its config: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}; config.json and the weights disagree")
     return missing, unexpected

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..errors import DistillError
+from ..errors import DistillError, brief
 
 # model_type in config.json -> how it runs here (see distill_plugins/models/hf_causal_lm.py)
 SUPPORTED_MODEL_TYPES = {
@@ -25,6 +25,17 @@ SUPPORTED_MODEL_TYPES = {
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+# Extra tensors that transformers itself skips on load: buffers older checkpoints saved (GPT-2's causal
+# mask attn.bias and attn.masked_bias, RoPE's inv_freq, position_ids). Regexes over key names.
+IGNORED_EXTRA_KEYS = (r"(^|\.)attn\.bias$", r"(^|\.)attn\.masked_bias$", r"rotary_emb\.inv_freq$",
+                      r"(^|\.)position_ids$")
+
+
+def ignored_extra_keys(hf_model=None):
+    """``IGNORED_EXTRA_KEYS`` and the model class's own ``_keys_to_ignore_on_load_unexpected``."""
+    return IGNORED_EXTRA_KEYS + tuple(getattr(hf_model, "_keys_to_ignore_on_load_unexpected", None) or ())
 
 
 def is_hf_dir(path: str) -> bool:
@@ -49,7 +60,17 @@ def read_config(path: str):
     except (OSError, ValueError) as e:
         raise DistillError(f"{cfg_file} could not be read ({e})") from None
     check_model_type(model_type, path)
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers' own validation of the values (its last line says which)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DistillError(f"{cfg_file} is not a valid {model_type} config ({lines[-1] if lines else brief(e)}); "
+                           "fix config.json") from None
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and (heads <= 0 or hidden % heads):
+        raise DistillError(f"{cfg_file}: the hidden size {hidden} is not a multiple of the {heads} attention heads; "
+                           "fix config.json")
+    return config
 
 
 def check_model_type(model_type: Optional[str], where: str):
@@ -93,8 +114,15 @@ def weight_files(path: str, allow_pickle: bool):
 def _shards(path: str, name: str):
     if not name.endswith(".index.json"):
         return [os.path.join(path, name)]
-    with open(os.path.join(path, name)) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+    index = os.path.join(path, name)
+    try:
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        if not files or not all(isinstance(s, str) for s in files):
+            raise ValueError("it names no shard files")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DistillError(f"{index} is not a valid weight index ({brief(e)}); it must map each tensor name to its "
+                           "shard file under \"weight_map\" (re-save the checkpoint with save_pretrained)") from None
     return [os.path.join(path, s) for s in files]
 
 

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..errors import DistillError
 from .vocab import HFVocab
 
 POS_OFFSET = 2  # fairseq LearnedPositionalEmbedding: padding_idx (1) + 1
@@ -59,12 +60,39 @@ def _strip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
 
 
+class _Reads:
+    """A state dict whose tensors are read once each: a missing one, or one left unread, is a one-line
+    error (in an import, a config with fewer layers than the weights would otherwise truncate them)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], needs: str, fix: str):
+        self.s, self.used, self.needs, self.fix = state, set(), needs, fix
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.s:
+            raise DistillError(f"the weights have no {key}, which {self.needs} needs; {self.fix}")
+        self.used.add(key)
+        return self.s[key]
+
+    def check_all_used(self, unused_ok):
+        extra = sorted(k for k in set(self.s) - self.used if not unused_ok(k))
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise DistillError(f"the weights hold tensors that {self.needs} does not use: {', '.join(extra[:3])}{more}; "
+                               f"{self.fix}")
+
+
 def hf_to_fairseq(state: Dict[str, torch.Tensor], config, vocab: HFVocab) -> Dict[str, torch.Tensor]:
-    """GPT-2 weights -> fairseq TransformerLanguageModel state dict (``decoder.*``)."""
-    s = _strip(state)
+    """GPT-2 weights -> fairseq TransformerLanguageModel state dict (``decoder.*``); every tensor of
+    ``state`` must be used (transformers' ignorable buffers and a tied ``lm_head`` aside)."""
+    import re
+
+    from .checkpoint_dir import ignored_extra_keys
+
+    s = _Reads(_strip(state), f"config.json's GPT-2 (n_layer {config.n_layer})", "config.json and the weights disagree")
     d = config.n_embd
     out = {}
-    emb = vocab.to_fairseq_rows(s["wte.weight"])
+    emb_hf = s["wte.weight"]
+    emb = vocab.to_fairseq_rows(emb_hf)
     out["decoder.embed_tokens.weight"] = emb
     out["decoder.output_projection.weight"] = emb
     wpe = s["wpe.weight"]
@@ -86,6 +114,8 @@ def hf_to_fairseq(state: Dict[str, torch.Tensor], config, vocab: HFVocab) -> Dic
             out[f + fs_name + ".bias"] = s[h + hf_name + ".bias"].clone()
     out["decoder.layer_norm.weight"] = s["ln_f.weight"].clone()
     out["decoder.layer_norm.bias"] = s["ln_f.bias"].clone()
+    ignored = re.compile("|".join(f"({p})" for p in ignored_extra_keys()))
+    s.check_all_used(lambda k: bool(ignored.search(k)) or (k == "lm_head.weight" and torch.equal(s.s[k], emb_hf)))
     # Without it fairseq's upgrade_state_dict takes the weights for a pre-2019 checkpoint and
     # silently drops the final LayerNorm.
     out["decoder.version"] = torch.Tensor([3])
@@ -94,7 +124,8 @@ def hf_to_fairseq(state: Dict[str, torch.Tensor], config, vocab: HFVocab) -> Dic
 
 def fairseq_to_hf(state: Dict[str, torch.Tensor], n_layer: int, vocab: HFVocab) -> Dict[str, torch.Tensor]:
     """fairseq transformer_lm state dict (LoRA merged) -> GPT2LMHeadModel weights (HF vocabulary)."""
-    s = state
+    s = _Reads(state, "GPT-2", "this transformer_lm is not GPT-2-shaped; export supports the kd_gpt2_* architectures "
+               "and hf_causal_lm models")
     out = {}
     wte = vocab.to_hf_rows(s["decoder.embed_tokens.weight"])
     out["transformer.wte.weight"] = wte
@@ -114,6 +145,9 @@ def fairseq_to_hf(state: Dict[str, torch.Tensor], n_layer: int, vocab: HFVocab) 
             out[h + hf_name + ".bias"] = s[f + fs_name + ".bias"].clone()
     out["transformer.ln_f.weight"] = s["decoder.layer_norm.weight"].clone()
     out["transformer.ln_f.bias"] = s["decoder.layer_norm.bias"].clone()
+    tied = s["decoder.embed_tokens.weight"]
+    s.check_all_used(lambda k: k == "decoder.version" or (k == "decoder.output_projection.weight"
+                                                          and torch.equal(state[k], tied)))
     return out
 
 
@@ -123,7 +157,8 @@ def gpt2_config_for(args, vocab: HFVocab, base=None):
 
     inverse = {"gelu_accurate": "gelu_new", "gelu": "gelu", "relu": "relu"}
     problems = [
-        (getattr(args, "decoder_learned_pos", False), "learned positions"),
+        (getattr(args, "decoder_learned_pos", False) and not getattr(args, "no_token_positional_embeddings", False),
+         "learned positions"),
         (getattr(args, "decoder_normalize_before", False), "pre-LayerNorm"),
         (getattr(args, "no_scale_embedding", False), "unscaled embeddings"),
         (getattr(args, "share_decoder_input_output_embed", False), "tied output layer"),

@@ -326,7 +326,11 @@ def build_hf_model(cfg: HFCausalLMConfig, task, role: str = "model"):
     model.hf_config, model.hf_vocab = config, vocab
     if load_weights:
         allow_pickle = bool(getattr(task.cfg, "allow_pickle", False))
-        model.load_hf_weights(hfdir.load_state_dict(cfg.hf_model_dir, allow_pickle=allow_pickle))
+        state = hfdir.load_state_dict(cfg.hf_model_dir, allow_pickle=allow_pickle)
+        try:
+            model.load_hf_weights(state)
+        except DistillError as e:
+            raise DistillError(f"{role} {cfg.hf_model_dir}: {e.message}") from None
         logger.info(f"{role} {cfg.hf_model_dir}: {config.model_type}, {backend} backend, "
                     f"{sum(p.numel() for p in model.parameters()):,} parameters")
     if cfg.lora_rank:
@@ -356,7 +360,8 @@ class HFCausalLM(HFBackedModel, FairseqLanguageModel):
         for name in dec.vocab_param_names():
             if name in state:
                 state[name] = self.hf_vocab.to_fairseq_rows(state[name])
-        load_base_weights(dec.hf, state, ignore_missing=_tied_output_keys(dec.hf))
+        load_base_weights(dec.hf, state, ignore_missing=_tied_output_keys(dec.hf),
+                          ignore_unexpected=hfdir.ignored_extra_keys(dec.hf))
 
     def to_hf_model(self):
         merge_lora(self)
