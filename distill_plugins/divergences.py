@@ -67,9 +67,11 @@ def _distributions(student_logits: Tensor, teacher_logits: Tensor, temperature: 
         t = t.masked_fill(t == float("inf"), float("-inf"))
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
-    q, p = log_q.exp(), log_p.exp()
-    # Zero the log terms where masked: every product below then vanishes there, forward and
-    # backward (no 0 * inf = NaN in either direction).
+    # Each model's probability is 0 at its own infinite logits (already so, except in a row with no
+    # finite logit, whose softmax is NaN: such a row then contributes 0, spec 7.4). Zero the log
+    # terms where either is masked: every product below then vanishes there, forward and backward
+    # (no 0 * inf = NaN in either direction).
+    q, p = log_q.exp().masked_fill(s_inf, 0.0), log_p.exp().masked_fill(t_inf, 0.0)
     return _Dists(q, p, log_q.masked_fill(masked, 0.0), log_p.masked_fill(masked, 0.0), masked)
 
 

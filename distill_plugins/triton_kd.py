@@ -169,12 +169,12 @@ if triton is not None:
         if DIV == 0:  # sum_kept p = U, KL(p || q) = A - U (lse_t - lse_s); h = -p, so H = -U
             lane = tl.where(mt != ninf, tl.exp(mt - lse_t), 0.0)
             big_u = tl.sum(ua * lane, axis=0)
-            kd = tl.sum(aa * lane, axis=0) - big_u * (lse_t - lse_s)
+            kd = tl.sum(aa * lane, axis=0) - tl.where(big_u != 0.0, big_u * (lse_t - lse_s), 0.0)  # no finite p: 0
             big_h = -big_u
         elif DIV == 1:  # sum_kept q = U, KL(q || p) = A - U (lse_s - lse_t); h = q (log q - log p + 1): H = KL + U
             lane = tl.where(ms != ninf, tl.exp(ms - lse_s), 0.0)
             big_u = tl.sum(ua * lane, axis=0)
-            kd = tl.sum(aa * lane, axis=0) - big_u * (lse_s - lse_t)
+            kd = tl.sum(aa * lane, axis=0) - tl.where(big_u != 0.0, big_u * (lse_s - lse_t), 0.0)  # no finite p: 0
             big_h = kd + big_u
         else:
             f_acc = tl.zeros([BLOCK], tl.float32)

@@ -417,3 +417,21 @@ def test_uld_properties():
     assert D.universal_logit_distance(s, padded).abs().max() < 1e-12
     with pytest.raises(ValueError, match="positions"):
         D.universal_logit_distance(s[:2], t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_row_without_finite_teacher_logit_contributes_nothing(name):
+    """A row whose teacher logits are all -inf (or whose student logits are) has no entry finite in
+    both models: it contributes 0 (spec 7.4), with a zero gradient for the teacher's case, not NaN;
+    the other rows are unchanged."""
+    s, t = logits(40), logits(41)
+    t[1] = float("-inf")
+    s[2] = float("-inf")
+    s_in = s.clone().requires_grad_(True)
+    out = call(name, s_in, t)
+    assert out[1].item() == 0.0 and out[2].item() == 0.0
+    keep = [0] + list(range(3, s.size(0)))
+    torch.testing.assert_close(out[keep].double(), ref(name, s[keep], t[keep]), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    # (a student row of all -inf has no gradient to speak of; its cross-entropy is inf anyway)
+    assert torch.isfinite(s_in.grad[keep + [1]]).all() and s_in.grad[1].abs().max().item() == 0.0

@@ -61,3 +61,21 @@ def test_triton_matches_plain(name, dtype, temp, tile_max):
         assert torch.allclose(kd_sum.double(), ref_kd.sum(), rtol=1e-4, atol=1e-3)
         assert torch.allclose(ce_sum.double(), ref_ce.sum(), rtol=1e-4, atol=1e-3)
         assert torch.allclose(s_in.grad.double(), ref_grad, atol=tol), (s_in.grad.double() - ref_grad).abs().max()
+
+
+@pytest.mark.parametrize("name", list(triton_kd.DIVERGENCE_IDS))
+def test_triton_row_without_finite_teacher_logit(name):
+    """A teacher row of all -inf contributes no divergence and no KD gradient (as the plain form)."""
+    torch.manual_seed(1)
+    n, v = 3, 300
+    s = 3 * torch.randn(n, v, device=DEVICE)
+    t = 3 * torch.randn(n, v, device=DEVICE)
+    t[1] = float("-inf")
+    y = torch.randint(0, v, (n,), device=DEVICE)
+    coef = COEF.get(name, 0.0)
+    ref_ce, ref_kd, ref_grad = reference(s, t, y, name, 1.0, 1.0, coef)  # r = 1: the KD part alone
+    kd, ce, grad = triton_kd.kd_rows_and_grad(s, t, y, name, 1.0, 1.0, coef, block=128, num_warps=4)
+    assert ref_kd[1].item() == 0.0 and kd[1].item() == 0.0
+    assert torch.allclose(kd.double(), ref_kd, rtol=1e-4, atol=1e-4), (kd, ref_kd)
+    assert torch.isfinite(grad).all() and grad[1].abs().max().item() == 0.0
+    assert torch.allclose(grad.double(), ref_grad, atol=1e-5)
