@@ -136,7 +136,8 @@ def arch_of_checkpoint(path: str) -> Dict[str, Any]:
         model = state["cfg"]["model"]
         arch = model.get("_name") or model["arch"]
     except Exception as e:
-        raise DistillError(f"{path} has no readable fairseq model config ({type(e).__name__}); give the stage an arch:") from None
+        raise DistillError(f"{path} is not a fairseq checkpoint (no readable model config: {type(e).__name__}); pass a "
+                           "checkpoint_*.pt that fairseq-train wrote") from None
     return {"arch": arch, **{option_name(k): model[k] for k in SHAPE_OPTIONS if model.get(k) is not None}}
 
 
@@ -213,6 +214,9 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
         check(isinstance(sname, str) and NAME.match(sname) is not None,
               f"stage {i + 1} needs a name: (letters, digits, '_', '.', '-')")
         where = f"stage {sname!r}"
+        check(not sname.endswith(".stale") and sname != "manifest.json",
+              f"{where}: a stage may not be named manifest.json or end in .stale (the chain's own files: its record, "
+              "and a retrained stage's old outputs); rename it")
         check(sname not in seen, f"two stages are named {sname!r}; stage names must be unique")
         seen.add(sname)
         unknown = sorted(set(rs) - set(STAGE_KEYS))
@@ -227,9 +231,9 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
             init = _resolve(base, rs["init"])
             check(os.path.isfile(init), f"{where}: init checkpoint {init} does not exist")
         arch = rs.get("arch")
+        recorded = arch_of_checkpoint(init) if init is not None else None  # readable, also beside an arch:
         if arch is None:
             check(init is not None, f"{where} needs an arch: (e.g. kd_gpt2_tiny) or an init: checkpoint")
-            recorded = arch_of_checkpoint(init)
             arch = recorded.pop("arch")
             for key, value in recorded.items():
                 args.setdefault(key, value)
@@ -278,10 +282,15 @@ def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
         name = option_name(key)
         check(name not in MANAGED_EVAL_OPTIONS, f"evaluate: sets --{name}, which the chain sets itself")
         out[name] = value
-    from ..cli.evaluate import get_parser
+    from ..cli.evaluate import check_values, get_parser
 
-    error = parser_error(lambda: get_parser().parse_args(["checkpoint.pt", "--data", "data"] + option_argv(out)))
+    parsed = []
+    error = parser_error(lambda: parsed.append(get_parser().parse_args(["checkpoint.pt", "--data", "data"] + option_argv(out))))
     check(not error, f"evaluate: distill-evaluate rejects the options: {error}")
+    try:
+        check_values(parsed[0])  # values too (--top-p 2), not only names and types: before any stage trains
+    except DistillError as e:
+        raise DistillError(f"evaluate: distill-evaluate rejects the options: {e.message}") from None
     return out
 
 

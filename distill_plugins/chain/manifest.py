@@ -10,11 +10,11 @@ manifest's directory.
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Dict, List
 
 from ..errors import DistillError
+from ..evaluation.report_files import write_atomic
 from ..teacher import sha256_file
 
 VERSION = 1
@@ -31,19 +31,7 @@ def sha256_dir(path: str) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: (json.dump(obj, f, indent=2, sort_keys=False), f.write("\n")))
 
 
 class Manifest:

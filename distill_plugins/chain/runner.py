@@ -91,6 +91,9 @@ class ChainRunner:
                 self.say(f"# stage {p.stage.name}: {p.action} ({p.parameters:,} parameters)\n"
                          f"{prefix}{shlex.join(self.command(p.stage))}")
             return plans
+        if os.path.exists(self.chain.output_dir) and not os.path.isdir(self.chain.output_dir):
+            raise DistillError(f"the output directory {self.chain.output_dir} is a file; pass another --output-dir "
+                               "(or output_dir: in the chain file)")
         os.makedirs(self.chain.output_dir, exist_ok=True)
         lock = open(os.path.join(self.chain.output_dir, ".lock"), "w")
         try:
@@ -258,9 +261,10 @@ class ChainRunner:
     # -- evaluation (optional) ------------------------------------------------------------------------
     def _evaluate(self, stage: StageSpec, tag: str):
         """Rouge-L of the stage's selected checkpoint by distill-evaluate; reused while the checkpoint's
-        sha256 and the evaluation options are unchanged."""
+        sha256, the evaluation options and the evaluation files' content are unchanged."""
         rec = self.manifest.stages[stage.name]
-        key = {"checkpoint_sha256": rec["checkpoint"]["sha256"], "options": self.chain.evaluate}
+        key = {"checkpoint_sha256": rec["checkpoint"]["sha256"], "options": self.chain.evaluate,
+               "eval_files_sha256": self._evaluation_files_sha256()}
         if (rec.get("evaluation") or {}).get("key") == key:
             return
         save_dir = self.chain.save_dir(stage)
@@ -270,8 +274,12 @@ class ChainRunner:
                "--name", stage.name, "--no-progress", "--overwrite"] + option_argv(self.chain.evaluate)
         self.say(f"{tag}: evaluating {os.path.basename(self.chain.checkpoint_path(stage))} (distill-evaluate)")
         t0 = time.time()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        except KeyboardInterrupt:  # the stage itself is recorded done; only its score is missing
+            raise DistillError(f"interrupted while evaluating stage {stage.name!r}; rerun the same command to "
+                               "evaluate it") from None
         if proc.returncode != 0:
             tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
             raise DistillError(f"stage {stage.name!r}: distill-evaluate failed ({tail[0].strip()}); "
@@ -284,6 +292,15 @@ class ChainRunner:
         }
         self.manifest.save()
         self.say(f"{tag}: Rouge-L " + ", ".join(f"{n} {v['rouge_l']:.2f}" for n, v in rec["evaluation"]["sets"].items()))
+
+    def _evaluation_files_sha256(self) -> List[Optional[str]]:
+        """sha256 of what distill-evaluate reads: --eval-files, else the data's <split>.jsonl."""
+        files = self.chain.evaluate.get("eval-files")
+        if files is None:
+            files = [os.path.join(self.chain.data, f"{self.chain.evaluate.get('split', 'test')}.jsonl")]
+        elif isinstance(files, str):
+            files = [files]
+        return [sha256_file(f) if os.path.isfile(f) else None for f in map(str, files)]
 
     def _print_scores(self, plans: List[StagePlan]):
         width = max(len(p.stage.name) for p in plans)

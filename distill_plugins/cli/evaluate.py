@@ -183,6 +183,16 @@ def evaluate_checkpoint(path, name, eval_sets, args, settings, device, progress,
 
 # -- main -------------------------------------------------------------------------------------------
 def check_args(args):
+    settings = check_values(args)
+    if not os.path.isdir(args.data):
+        raise DistillError(f"data directory {args.data} does not exist; pass the directory made by distill-prepare")
+    if not os.path.isfile(os.path.join(args.data, "dict.src.txt")):
+        raise DistillError(f"{args.data} has no dict.src.txt; prepare it with distill-prepare")
+    return settings
+
+
+def check_values(args):
+    """The option values alone (no file is read): also what distill-chain checks before any stage."""
     if not args.seeds:
         raise DistillError("--seeds needs at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
@@ -191,10 +201,6 @@ def check_args(args):
         raise DistillError("need 0 < --max-prompt-tokens < --max-length (the response needs room)")
     if args.batch_size < 1:
         raise DistillError("--batch-size must be >= 1")
-    if not os.path.isdir(args.data):
-        raise DistillError(f"data directory {args.data} does not exist; pass the directory made by distill-prepare")
-    if not os.path.isfile(os.path.join(args.data, "dict.src.txt")):
-        raise DistillError(f"{args.data} has no dict.src.txt; prepare it with distill-prepare")
     return SamplingSettings(args.top_k, args.top_p, args.temperature, args.no_repeat_ngram_size,
                             args.max_length).check()
 

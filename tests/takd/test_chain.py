@@ -197,6 +197,11 @@ def test_unknown_criterion_is_an_error(data_bin, tmp_path):
     (lambda c: c["stages"][2]["args"].update({"teacher-weights": "1"}), "gives 1 weight(s) for 2 teacher(s)"),
     (lambda c: c.update({"stage": []}), "unknown key(s) stage"),
     (lambda c: c["stages"][2].update({"name": "teacher"}), "two stages are named 'teacher'"),
+    # names of the chain's own files: a stage 'a.stale' was deleted when stage 'a' retrained
+    (lambda c: c["stages"][2].update({"name": "assistant.stale"}), "may not be named manifest.json or end in .stale"),
+    (lambda c: c["stages"][2].update({"name": "manifest.json"}), "may not be named manifest.json or end in .stale"),
+    (lambda c: c["stages"][1].update({"init": os.path.join(c["data"], "dict.src.txt")}),  # beside its arch:
+     "dict.src.txt is not a fairseq checkpoint (no readable model config"),
     (lambda c: c.update({"data": "/nonexistent"}), "has no dict.src.txt"),
     # option names, types and values: fairseq-train's parser, the task's and the criterion's checks
     (lambda c: c["stages"][1]["args"].update({"skew-alpa": 0.1}),
@@ -214,6 +219,16 @@ def test_other_bad_chain_files(data_bin, tmp_path, edit, message):
     chain = chain_dict(data_bin)
     edit(chain)
     assert message in bad(chain, tmp_path)
+
+
+def test_output_dir_that_is_a_file_is_refused(data_bin, tmp_path):
+    from distill_plugins.errors import DistillError
+
+    config = write_chain(tmp_path / "chain.yaml", chain_dict(data_bin))
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(DistillError, match="output directory .*out is a file; pass another --output-dir"):
+        chain_main([config, "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out").read_text() == "not a directory"
 
 
 def test_cli_error_is_one_line_with_nonzero_exit(data_bin, tmp_path):

@@ -32,8 +32,12 @@ def pretrained_chain(data, teacher, evaluate=None):
 def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_path):
     teacher = str(tmp_path / "teacher.pt")
     shutil.copy(teacher_ckpt, teacher)
+    eval_file = tmp_path / "evalset" / "test.jsonl"  # a copy: edited below
+    eval_file.parent.mkdir()
+    shutil.copy(os.path.join(data_bin, "test.jsonl"), eval_file)
     config = write_chain(tmp_path / "chain.yaml", pretrained_chain(
-        data_bin, teacher, evaluate={"seeds": [1], "batch-size": 16, "max-length": 96, "max-prompt-tokens": 64}))
+        data_bin, teacher, evaluate={"seeds": [1], "batch-size": 16, "max-length": 96, "max-prompt-tokens": 64,
+                                     "eval-files": [str(eval_file)]}))
     out = str(tmp_path / "out")
     first = run([cli("distill-chain"), config, "--output-dir", out]).stdout
     m = manifest(out)
@@ -54,6 +58,13 @@ def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_pa
     assert "skipped" in again and "evaluating" not in again
     assert manifest(out)["stages"]["student"]["checkpoint"] == rec_s["checkpoint"]
 
+    # the evaluation set changes: both stages are scored again, nothing trains
+    rows = eval_file.read_text().splitlines()
+    eval_file.write_text("\n".join(rows[:-1]) + "\n")
+    edited = run([cli("distill-chain"), config, "--output-dir", out]).stdout
+    assert edited.count("evaluating") == 2 and "student: skipped" in edited
+    assert manifest(out)["stages"]["student"]["evaluation"]["sets"]["test"]["examples"] == len(rows) - 1
+
     # the pretrained teacher is replaced: the change is reported, the student retrains, both re-evaluate
     state = torch.load(teacher, map_location="cpu", weights_only=False)
     state["model"]["decoder.embed_tokens.weight"].mul_(1.01)
@@ -71,6 +82,8 @@ def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_pa
     (lambda c: c["stages"][0].update({"pretrained": "/nonexistent.pt"}), "pretrained checkpoint /nonexistent.pt does not exist"),
     (lambda c: c.update({"evaluate": {"seeds": ["x"]}}), "distill-evaluate rejects the options"),
     (lambda c: c.update({"evaluate": {"json": "a.json"}}), "evaluate: sets --json, which the chain sets itself"),
+    (lambda c: c.update({"evaluate": {"top-p": 2.0}}),  # a value, caught before the first stage trains
+     "evaluate: distill-evaluate rejects the options: --top-p 2.0: must be in (0, 1]"),
 ])
 def test_bad_pretrained_or_evaluate(data_bin, teacher_ckpt, tmp_path, edit, message):
     chain = pretrained_chain(data_bin, teacher_ckpt)
