@@ -50,7 +50,7 @@ rouge() {
     fairseq-generate "$DATA" --user-dir distill_plugins --task instruction_distillation \
       --path "$ckpt" --gen-subset test --cpu --batch-size 100 \
       --sampling --beam 1 --sampling-topk -1 --sampling-topp -1 --temperature 1.0 \
-      --no-repeat-ngram-size 6 --max-len-b 511 --seed "$seed" \
+      --no-repeat-ngram-size 6 --max-len-b 512 --seed "$seed" \
       --results-path "$OUT/gen_${name}_seed${seed}" 2>&1 | grep -E "Translated" || true
   done
   distill-score "$DATA" "$OUT"/gen_"${name}"_seed*/generate-test.txt --name "$name" --json "$OUT/$name.json" --overwrite

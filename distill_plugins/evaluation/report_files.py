@@ -10,14 +10,24 @@ from typing import Callable, Iterable, Optional
 from ..errors import DistillError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, write: Callable, mode: str = "w"):
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``
+    (flushed to disk first; with the permissions a plain ``open`` gives, not mkstemp's 0600)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -27,7 +27,9 @@ def _scorer():
     return _SCORER
 
 
-def clean_response(text: str, eos_markers: Sequence[str] = ("<|endoftext|>", "</s>")) -> str:
+def clean_response(text: str, eos_markers: Sequence[str] = ("<|endoftext|>",)) -> str:
+    """Cut at the first end-of-text marker, as the reference code (decoded with skip_special_tokens,
+    so a real EOS, ``</s>`` included, is already gone; a literal ``</s>`` in the text is text) and strip."""
     for marker in eos_markers:
         cut = text.find(marker)
         if cut >= 0:

@@ -448,7 +448,7 @@ class InstructionDistillationTask(FairseqTask):
             self._warned_length_limit = True
             logger.warning(f"{full} of {len(lengths)} prompts in this batch are {limit} tokens or longer, so their "
                            f"responses are empty: --max-len-b {generator.max_len_b} is the total length, prompt "
-                           f"included (the MiniLLM protocol uses 511)")
+                           f"included (the MiniLLM protocol uses 512, as HF max_length=512: the response may fill what the prompt leaves)")
 
     # -- Rouge-L validation (--eval-rouge) -------------------------------------------------------
     def build_model(self, cfg, from_checkpoint=False):

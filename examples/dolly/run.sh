@@ -54,7 +54,7 @@ for model in teacher student_sft student_skew_kl; do
     fairseq-generate "$DATA" --user-dir distill_plugins --task instruction_distillation \
       --path "$CK/$model/checkpoint_best.pt" --gen-subset test --cpu --batch-size 100 \
       --sampling --beam 1 --sampling-topk -1 --sampling-topp -1 --temperature 1.0 \
-      --no-repeat-ngram-size 6 --max-len-b 511 --seed "$seed" \
+      --no-repeat-ngram-size 6 --max-len-b 512 --seed "$seed" \
       --results-path "$OUT/gen_${model}_seed${seed}" 2>&1 | grep --line-buffered -E "Translated" || true
   done
 done

@@ -51,7 +51,8 @@ def test_corpus_score_is_the_mean_over_examples():
 
 def test_responses_are_cut_at_end_of_text_and_stripped():
     assert clean_response("  an answer <|endoftext|> leftover") == "an answer"
-    assert clean_response("answer</s>more") == "answer"
+    # spec 5 cuts at <|endoftext|> only: a real EOS never reaches the text, a literal </s> is text
+    assert clean_response("uses the </s> tag ") == "uses the </s> tag"
 
 
 def test_seed_summary_is_mean_and_population_std():
