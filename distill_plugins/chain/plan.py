@@ -6,6 +6,9 @@
   the same command, and fairseq continues from ``checkpoint_last.pt`` in the stage's directory.
 * ``pretrained``: a checkpoint trained outside the chain; hashed, never trained. When its sha256
   differs from the one its students were trained with, they retrain (their fingerprint changes).
+* ``reselect``: done, and only ``checkpoint:`` (best/last) changed: the newly selected file of its
+  finished training is recorded (its sha256 checked against the record), not retrained; its
+  students retrain, their teacher's checkpoint being another.
 * ``train`` / ``retrain``: new, or invalidated: settings, teacher checkpoint, initial checkpoint or
   data changed, the checkpoint is missing or was replaced outside the chain, or a teacher of the
   stage is itself (re)trained. A retrained stage's old directory is moved to ``<stage>.stale``.
@@ -26,7 +29,7 @@ from .manifest import Manifest
 @dataclass
 class StagePlan:
     stage: StageSpec
-    action: str  # skip | resume | train | retrain | pretrained
+    action: str  # skip | reselect | resume | train | retrain | pretrained
     reasons: List[str] = field(default_factory=list)
     sha256: Optional[str] = None  # skip: the verified sha256 of the selected checkpoint
     parameters: Optional[int] = None
@@ -74,6 +77,21 @@ def _changes(rec: dict, settings: dict, teacher_sha: List[str], init_sha: Option
     return out or ["its fingerprint changed"]
 
 
+def _reselection(stage: StageSpec, rec: dict, settings: dict, fp_as_recorded: str, ckpt: str) -> Optional["StagePlan"]:
+    """A ``reselect`` plan when only ``checkpoint:`` changed on a finished stage (``fp_as_recorded``:
+    the fingerprint with the recorded selection) and the newly selected file is the one its training
+    wrote (sha256 in the record); else None (it retrains)."""
+    before = rec.get("settings", {}).get("checkpoint")
+    if rec.get("status") != "done" or before == settings["checkpoint"] or fp_as_recorded != rec.get("fingerprint"):
+        return None
+    name = os.path.basename(ckpt)
+    recorded = ((rec.get("checkpoints") or {}).get(name) or {}).get("sha256")
+    if recorded is None or not os.path.isfile(ckpt) or sha256_file(ckpt) != recorded:
+        return None
+    return StagePlan(stage, "reselect", [f"checkpoint {before} -> {settings['checkpoint']}: records {name} of its "
+                                         f"finished training (sha256 {short(recorded)}), no retraining"], recorded)
+
+
 def _has_files(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -90,7 +108,7 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
             note = "" if recorded in (None, sha) else f"; changed since the last run (sha256 {short(recorded)} -> {short(sha)})"
             plans[stage.name] = StagePlan(stage, "pretrained", [f"{ckpt} (sha256 {short(sha)}){note}"], sha)
             continue
-        retrained = [t for t in stage.teachers if plans[t].action not in ("skip", "pretrained")]
+        retrained = [t for t in stage.teachers if plans[t].action not in ("skip", "reselect", "pretrained")]
         if retrained:
             action = "retrain" if (rec or _has_files(save_dir)) else "train"
             who = "its teacher" + ("s " if len(retrained) > 1 else " ") + ", ".join(map(repr, retrained))
@@ -106,7 +124,10 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
                 else:
                     plan = StagePlan(stage, "train", ["not trained yet"])
             elif rec.get("fingerprint") != fp:
-                plan = StagePlan(stage, "retrain", _changes(rec, settings, teacher_sha, init_sha, data_sha256))
+                plan = _reselection(stage, rec, settings, fingerprint(
+                    dict(settings, checkpoint=rec.get("settings", {}).get("checkpoint")), teacher_sha, init_sha,
+                    data_sha256), ckpt) or StagePlan(stage, "retrain", _changes(rec, settings, teacher_sha, init_sha,
+                                                                               data_sha256))
             elif rec.get("status") == "done":
                 recorded = (rec.get("checkpoint") or {}).get("sha256")
                 if not os.path.isfile(ckpt):

@@ -87,7 +87,7 @@ class ChainRunner:
         if dry_run:
             self.say("\ndry run: the fairseq-train commands, in order (skipped stages commented out):")
             for p in plans:
-                prefix = "# " if p.action == "skip" else ""
+                prefix = "# " if p.action in ("skip", "reselect") else ""
                 self.say(f"# stage {p.stage.name}: {p.action} ({p.parameters:,} parameters)\n"
                          f"{prefix}{shlex.join(self.command(p.stage))}")
             return plans
@@ -108,6 +108,8 @@ class ChainRunner:
                     self._record_pretrained(p, tag)
                 elif p.action == "skip":
                     self.say(f"{tag}: skipped ({p.reasons[0]})")
+                elif p.action == "reselect":
+                    self._record_reselection(p, tag)
                 else:
                     self._run_stage(p, tag)
                 if self.chain.evaluate is not None:
@@ -143,6 +145,17 @@ class ChainRunner:
                     "parameters": p.parameters})
         self.manifest.save()
         self.say(f"{tag}: pretrained checkpoint {p.stage.pretrained} (sha256 {short(p.sha256)})")
+
+    def _record_reselection(self, p: StagePlan, tag: str):
+        stage, man = p.stage, self.manifest
+        rec = man.stages[stage.name]
+        teacher_sha = [man.stages[t]["checkpoint"]["sha256"] for t in stage.teachers]
+        init_sha = sha256_file(stage.init) if stage.init else None
+        settings = stage_settings(stage)
+        rec.update({"settings": settings, "fingerprint": fingerprint(settings, teacher_sha, init_sha, self.data_sha256),
+                    "checkpoint": {"path": man.relative(self.chain.checkpoint_path(stage)), "sha256": p.sha256}})
+        man.save()
+        self.say(f"{tag}: {p.reasons[0]}")
 
     def _run_stage(self, p: StagePlan, tag: str):
         chain, stage, man = self.chain, p.stage, self.manifest

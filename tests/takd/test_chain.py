@@ -111,6 +111,36 @@ def test_edit_retrains_that_stage_and_successors_only(finished_chain, tmp_path):
         assert m["stages"][stage]["command"] in dry.splitlines()
 
 
+def test_selecting_the_other_checkpoint_retrains_only_the_students(finished_chain, tmp_path):
+    """checkpoint: best -> last on a finished stage records its checkpoint_last.pt (no retraining);
+    only the stages it teaches retrain (their teacher's checkpoint is another file)."""
+    out = str(tmp_path / "out")
+    shutil.copytree(finished_chain["out"], out)
+    before = fingerprint_files(out)
+    data = yaml.safe_load(open(finished_chain["config"]))["data"]
+    chain = chain_dict(data)
+    chain["stages"][2]["checkpoint"] = "last"  # the student teaches no one: nothing trains at all
+    config = write_chain(tmp_path / "chain.yaml", chain)
+    log = run([cli("distill-chain"), config, "--output-dir", out]).stdout
+    assert "student    reselect  checkpoint best -> last: records checkpoint_last.pt of its finished training" in log
+    assert "[1/3] teacher: skipped" in log and "[2/3] assistant: skipped" in log and "fairseq" not in log.lower()
+    assert fingerprint_files(out) == before
+    rec = manifest(out)["stages"]["student"]
+    last = os.path.join(out, "student", "checkpoint_last.pt")
+    assert rec["checkpoint"] == {"path": "student/checkpoint_last.pt", "sha256": sha256_file(last)}
+    assert rec["settings"]["checkpoint"] == "last" and rec["status"] == "done"
+    again = run([cli("distill-chain"), config, "--output-dir", out]).stdout
+    assert "[3/3] student: skipped (done, checkpoint_last.pt verified" in again
+
+    chain["stages"][0]["checkpoint"] = "last"  # the teacher: its students' teacher changes
+    config = write_chain(tmp_path / "chain2.yaml", chain)
+    dry = run([cli("distill-chain"), config, "--output-dir", out, "--dry-run"]).stdout
+    assert "teacher    reselect  checkpoint best -> last" in dry
+    rec = manifest(out)["stages"]["teacher"]
+    if rec["checkpoints"]["checkpoint_last.pt"]["sha256"] != rec["checkpoint"]["sha256"]:
+        assert "assistant  retrain  teacher 'teacher' checkpoint differs from the one it was trained with" in dry
+
+
 def test_replaced_teacher_checkpoint_is_detected(finished_chain, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(finished_chain["out"], out)
