@@ -154,7 +154,9 @@ def main(argv=None):
 
     b = torch.finfo(dtype).bits // 8
     bandwidth = measure.copy_bandwidth(device, 1 << (31 if device.type == "cuda" else 28))
-    peak_flops = args.peak_flops or measure.DEFAULT_PEAK_FLOPS.get(device.type) or measure.matmul_rate(device)
+    # against wall time (x_floor below), so FLOP per wall second on the CPU too (its threads together)
+    peak_flops = args.peak_flops or measure.DEFAULT_PEAK_FLOPS.get(device.type) or measure.matmul_rate(
+        device, wall_clock=True)
     logits_bytes = n * v * (2 * b + b)
     fused_bytes = 2 * n * d * b + 2 * v * d * b + n * v * b
     fused_flops = 6 * n * v * d

@@ -124,13 +124,14 @@ MEMORY_METHOD = {
 }
 
 
-def matmul_rate(device, dtype=torch.float32, n: int = 1024, repeats: int = 5) -> float:
+def matmul_rate(device, dtype=torch.float32, n: int = 1024, repeats: int = 5, wall_clock: bool = False) -> float:
     """Measured rate of an n x n x n matmul: FLOP per wall second on CUDA, FLOP per process CPU
-    second on CPU (the CPU's MFU denominator, against the step's FLOP per CPU second)."""
+    second on CPU (the CPU's MFU denominator, against the step's FLOP per CPU second), or per wall
+    second there too with ``wall_clock`` (a floor to compare a wall time with)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     wall, cpu = time_call(lambda: a @ b, device, warmup=2, repeats=repeats)
-    return 2 * n ** 3 / (cpu if device.type == "cpu" else wall)
+    return 2 * n ** 3 / (cpu if device.type == "cpu" and not wall_clock else wall)
 
 
 def copy_bandwidth(device, nbytes: int, repeats: int = 5) -> float:

@@ -24,8 +24,8 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
         out = os.path.join(work, "out")
         os.makedirs(out)
         yield work, out
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
+        if os.path.exists(dest):  # moved aside first (a rename), so a kill never leaves it half-deleted
+            os.replace(dest, os.path.join(work, "replaced"))
         os.replace(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)

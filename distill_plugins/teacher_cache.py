@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DistillError
+from .errors import DistillError, brief
 from .teacher import dictionary_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -184,15 +184,33 @@ class CachedTeacher:
             raise DistillError(
                 f"teacher cache {path} was built with --tokens-per-sample {self.meta['tokens_per_sample']}, training "
                 f"uses {tps}: examples are truncated differently; rebuild the cache or pass the same value")
-        load = lambda name: np.load(os.path.join(path, name), mmap_mode="r")  # noqa: E731
-        self.keys, self.offsets = load("keys.npy"), load("offsets.npy")
-        self.ids, self.logp, self.tail = load("ids.npy"), load("logp.npy"), load("tail.npy")
+        self.keys, self.offsets, self.ids, self.logp, self.tail = self._arrays(path)
         self.vocab, self.k = int(self.meta["vocab"]), int(self.meta["top_k"])
         self.sha256 = self.meta["teacher"]["sha256"]
         self.pad = task.target_dictionary.pad()
         self.tail_mass = str(getattr(task.cfg, "teacher_cache_tail", "even"))
         logger.info(f"teacher cache {path}: {len(self.keys):,} examples, {len(self.tail):,} label tokens, top-{self.k} "
                     f"of {self.vocab} ({self.meta['cache_dtype']}), teacher sha256 {self.sha256[:12]}")
+
+    @staticmethod
+    def _arrays(path: str):
+        """keys, offsets, ids, logp, tail, memory-mapped; a missing, truncated or inconsistent array
+        (a copy or a deletion cut short) is a one-line error."""
+        arrays = []
+        for name in ("keys.npy", "offsets.npy", "ids.npy", "logp.npy", "tail.npy"):
+            try:
+                arrays.append(np.load(os.path.join(path, name), mmap_mode="r"))
+            except (OSError, ValueError) as e:
+                raise DistillError(f"teacher cache {path} is incomplete or damaged ({name}: {brief(e)}); rebuild it "
+                                   "with distill-cache-teacher") from None
+        keys, offsets, ids, logp, tail = arrays
+        rows = int(offsets[-1]) if len(offsets) else -1
+        if len(offsets) != len(keys) + 1 or not (ids.shape[0] == logp.shape[0] == tail.shape[0] == rows) \
+                or ids.shape[1:] != logp.shape[1:]:
+            raise DistillError(f"teacher cache {path} is damaged: its arrays disagree in size ({len(keys)} keys, "
+                               f"{len(offsets)} offsets, {ids.shape[0]} / {logp.shape[0]} / {tail.shape[0]} rows); "
+                               "rebuild it with distill-cache-teacher")
+        return keys, offsets, ids, logp, tail
 
     def record(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "cache_top_k": self.k}

@@ -78,6 +78,8 @@ class DualSpaceTerms:
     """What dskd and dskd_cma share: the projections (``cross_attention``: with the query one), the
     three KD terms, summed, and their logging entries."""
 
+    reads_teacher_hidden_states = True  # a --teacher-cache holds logits only: refused by the task
+
     cross_attention = False
 
     @classmethod

@@ -324,6 +324,9 @@ class InstructionDistillationTask(FairseqTask):
                                "teacher's tokenization of the data (DATA/teacher from distill-prepare "
                                "--teacher-spm-model/--teacher-hf-tokenizer)")
         self.check_teacher_count(name)
+        if self.cfg.teacher_cache and getattr(CRITERION_REGISTRY.get(name), "reads_teacher_hidden_states", False):
+            raise DistillError(f"--criterion {name} projects the teacher's hidden states, which a teacher cache does "
+                               "not hold (only its logits); pass --teacher-path instead of --teacher-cache")
         self.load_teachers()
         criterion = super().build_criterion(cfg, from_checkpoint)
         if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):

@@ -84,6 +84,9 @@ def test_bad_input(data_bin, teacher_ckpt, tmp_path):
     cache(data_bin, teacher_ckpt, valid_only, "--top-k", "4", "--splits", "valid")
     proc = train_fails(data_bin, tmp_path / "c2", "--criterion", "kd", "--teacher-cache", valid_only)
     assert_one_line_error(proc, "has no entry", "'train' split", "--splits")
+    # a criterion that reads the teacher's hidden states: a cache holds logits only (was a traceback)
+    proc = train_fails(data_bin, tmp_path / "c3", "--criterion", "dskd", "--teacher-cache", valid_only)
+    assert_one_line_error(proc, "--criterion dskd projects the teacher's hidden states", "--teacher-path instead")
 
 
 def test_bad_options_in_process(data_bin, teacher_ckpt, tmp_path):
@@ -105,6 +108,21 @@ def test_bad_options_in_process(data_bin, teacher_ckpt, tmp_path):
         with pytest.raises(DistillError) as e:
             task.load_teachers()
         assert all(n in str(e.value) for n in needles), str(e.value)
+    # a cache cut short (a kill while copying or deleting it): one line, not a numpy traceback
+    import shutil
+
+    for damage, needle in ((lambda d: os.remove(d / "keys.npy"), "incomplete or damaged (keys.npy"),
+                           (lambda d: (d / "logp.npy").write_bytes((d / "logp.npy").read_bytes()[:-64]),
+                            "incomplete or damaged (logp.npy"),
+                           (lambda d: shutil.copy(d / "keys.npy", d / "tail.npy"), "its arrays disagree in size")):
+        damaged = tmp_path / "damaged"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(valid_only, damaged)
+        damage(damaged)
+        task = InstructionDistillationTask.setup_task(
+            InstructionDistillationConfig(data=data_bin, teacher_cache=str(damaged), seed=1))
+        with pytest.raises(DistillError, match=needle.replace("(", r"\(")):
+            task.load_teachers()
     for argv, needles in (([ "--out", valid_only], ("already exists", "--overwrite")),
                           (["--out", str(tmp_path / "big_k"), "--top-k", "100000"], ("--top-k 100000", "vocabulary"))):
         with pytest.raises(DistillError) as e:
