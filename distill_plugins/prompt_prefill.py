@@ -41,7 +41,7 @@ def decoder_step(decoder, tokens: torch.Tensor, padding: torch.Tensor, positions
     """
     if hasattr(decoder, "prefill_step"):
         return decoder.prefill_step(tokens, padding, positions, incremental_state, last_only)
-    return _fairseq_decoder_step(decoder, tokens, padding, positions, incremental_state, last_only)
+    return fairseq_decoder_step(decoder, tokens, padding, positions, incremental_state, last_only)
 
 
 def _position_embeddings(module, positions: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def _position_embeddings(module, positions: torch.Tensor, padded: torch.Tensor) 
     return weights.index_select(0, index.reshape(-1)).view(*index.shape, -1).detach()
 
 
-def _fairseq_decoder_step(decoder: TransformerDecoderBase, tokens, padding, positions, incremental_state,
+def fairseq_decoder_step(decoder: TransformerDecoderBase, tokens, padding, positions, incremental_state,
                           last_only: bool):
     new_padding = padding[:, -tokens.size(1):]
     x = decoder.embed_scale * decoder.embed_tokens(tokens)

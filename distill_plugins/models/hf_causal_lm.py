@@ -25,6 +25,12 @@ permuted on import and back on export (``hf/vocab.py``); rows no HF token maps t
 in the checkpoint (``--hf-config``), so a trained checkpoint loads without the HF directory.
 ``--lora-rank r`` trains LoRA adapters only (``distill_plugins/lora.py``).
 
+No BOS (spec 5): fairseq's LMs start every sequence with ``</s>`` as BOS, but the references feed a
+Hugging Face model the prompt's own tokens only (``add_special_tokens=False``), so both backends
+never show it column 0: the rest runs exactly as transformers does (positions from 0 at the first
+prompt token), and column 0's output is a constant row (zero hidden state: uniform over the present
+tokens), which no label reads since the prompt is never a label (``without_bos``, ``hide_bos``).
+
 ``--kd-impl fused``: every supported family's logits are ``lm_head(last hidden state)``, a bias-free
 linear layer (tied to the input embedding or not; none of them scales or caps its logits), then the
 absent rows; ``fused_output`` hands exactly that to the fused loss, on both backends.
@@ -38,6 +44,7 @@ import torch
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
+from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from omegaconf import open_dict
 
@@ -170,6 +177,69 @@ class AbsentRowsProjection(torch.nn.Module):
         return _fused_output(self.weight, self.absent_rows)
 
 
+# -- no BOS ------------------------------------------------------------------------------------
+EMPTY_EXTRA = {"attn": [None], "inner_states": None}
+
+
+def without_bos(tokens: torch.Tensor) -> torch.Tensor:
+    """The columns an HF-backed model reads: all but column 0 (fairseq's ``</s>``-as-BOS)."""
+    return tokens[:, 1:]
+
+
+def with_start_row(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """``out`` for columns 1.. with column 0's constant ``start`` row [B, 1, C] in front."""
+    return torch.cat([start.to(out.dtype), out], 1)
+
+
+def hide_bos(padding: torch.Tensor, positions: torch.Tensor):
+    """``prompt_prefill.decoder_step``'s inputs for an HF-backed model: each left-padded row's first
+    real token (the BOS) becomes padding, and positions count from the token after it. Also returns
+    which of the new tokens (the last ``positions.size(1)`` columns) are that BOS."""
+    first = (~padding).long().argmax(1)
+    bos = torch.zeros_like(padding).scatter_(1, first.unsqueeze(1), True) & ~padding
+    return padding | bos, (positions - 1).clamp(min=0), bos[:, -positions.size(1):]
+
+
+def start_rows_at_bos(logits: torch.Tensor, is_bos: torch.Tensor, start: torch.Tensor, last_only: bool):
+    """A prefill's logits with the BOS positions' output replaced by the start row, as a full forward
+    gives it (the network never ran on the BOS; for an empty prompt it is the next-token distribution)."""
+    where = is_bos[:, -1:] if last_only else is_bos
+    if not bool(where.any()):
+        return logits
+    return torch.where(where.unsqueeze(-1), start.to(logits.dtype), logits)
+
+
+class NoBOSTransformerDecoder(TransformerDecoder):
+    """fairseq's decoder for an imported GPT-2, without BOS: the network reads columns 1.. (positions
+    from HF's 0); column 0 gives the output layer's value at a zero hidden state. Same parameters
+    and state-dict keys as ``TransformerDecoder`` (the class of the decoder fairseq builds is
+    swapped for this one)."""
+
+    def _start_row(self, tokens, features_only: bool):
+        h = self.output_projection.weight.new_zeros(tokens.size(0), 1, self.output_embed_dim)
+        return h if features_only else self.output_layer(h)
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
+        tokens = without_bos(prev_output_tokens)
+        if tokens.size(1) == 0:  # only the BOS so far (the generator's first step): nothing to run
+            return self._start_row(prev_output_tokens, features_only), EMPTY_EXTRA
+        out, extra = super().forward(tokens, encoder_out=encoder_out, incremental_state=incremental_state,
+                                     features_only=features_only, **kwargs)
+        if incremental_state is None:
+            out = with_start_row(out, self._start_row(prev_output_tokens, features_only))
+        return out, extra
+
+    def supports_prefill(self) -> bool:
+        return True
+
+    def prefill_step(self, tokens, padding, positions, incremental_state, last_only: bool = True):
+        from ..prompt_prefill import fairseq_decoder_step
+
+        padding, positions, is_bos = hide_bos(padding, positions)
+        logits = fairseq_decoder_step(self, tokens, padding, positions, incremental_state, last_only)
+        return start_rows_at_bos(logits, is_bos, self._start_row(tokens, False), last_only)
+
+
 class NativeGPT2LM(HFBackedModel, TransformerLanguageModel):
     """GPT-2 as fairseq's own transformer_lm (exact conversion, fairseq's speed)."""
 
@@ -183,6 +253,7 @@ class NativeGPT2LM(HFBackedModel, TransformerLanguageModel):
         args = gpt2_native.fairseq_args(config)
         model = TransformerLanguageModel.build_model.__func__(cls, args, task)
         model.args = args
+        model.decoder.__class__ = NoBOSTransformerDecoder  # fairseq builds a TransformerDecoder: same module
         model.decoder.output_projection = AbsentRowsProjection(model.decoder.output_projection.weight, vocab)
         return model
 
@@ -263,22 +334,36 @@ class HFDecoder(FairseqIncrementalDecoder):
             return None
         return _fused_output(head.weight, self.absent_rows)
 
+    def _start_row(self, tokens, features_only: bool):
+        """Column 0's output (no BOS): lm_head of a zero hidden state, with the absent rows."""
+        head = self.hf.get_output_embeddings().weight
+        h = head.new_zeros(tokens.size(0), 1, head.size(1))
+        return h if features_only else _mask_absent_rows(head.new_zeros(tokens.size(0), 1, head.size(0)),
+                                                         self.absent_rows)
+
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
+        tokens = without_bos(prev_output_tokens)
+        start = self._start_row(prev_output_tokens, features_only)
         if features_only:  # the hidden states lm_head takes (for --kd-impl fused)
             if incremental_state is not None:
                 raise NotImplementedError("hf_causal_lm: features_only without incremental decoding only")
-            hidden = self.hf.base_model(input_ids=prev_output_tokens, use_cache=False).last_hidden_state
-            return hidden, {"attn": [None], "inner_states": None}
+            if tokens.size(1) == 0:
+                return start, EMPTY_EXTRA
+            hidden = self.hf.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+            return with_start_row(hidden, start), EMPTY_EXTRA
         if incremental_state is None:
-            logits = self.hf(input_ids=prev_output_tokens, use_cache=False).logits
-        else:
-            state = self.get_incremental_state(incremental_state, "hf")
-            cache = state["cache"] if state else None
-            past = cache.get_seq_length() if cache is not None else 0
-            out = self.hf(input_ids=prev_output_tokens[:, past:], past_key_values=cache, use_cache=True)
-            self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
-            logits = out.logits
-        return _mask_absent_rows(logits, self.absent_rows), {"attn": [None], "inner_states": None}
+            if tokens.size(1) == 0:
+                return start, EMPTY_EXTRA
+            logits = self.hf(input_ids=tokens, use_cache=False).logits
+            return with_start_row(_mask_absent_rows(logits, self.absent_rows), start), EMPTY_EXTRA
+        state = self.get_incremental_state(incremental_state, "hf")
+        cache = state["cache"] if state else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if tokens.size(1) <= past:  # only the BOS so far (the generator's first step)
+            return start, EMPTY_EXTRA
+        out = self.hf(input_ids=tokens[:, past:], past_key_values=cache, use_cache=True)
+        self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
+        return _mask_absent_rows(out.logits, self.absent_rows), EMPTY_EXTRA
 
     def supports_prefill(self) -> bool:
         return True
@@ -286,12 +371,14 @@ class HFDecoder(FairseqIncrementalDecoder):
     def prefill_step(self, tokens, padding, positions, incremental_state, last_only: bool = True):
         """``prompt_prefill.decoder_step``: HF's own left-padding inputs (attention mask over the
         cache and the new tokens, explicit position ids), cache in ``incremental_state``."""
+        padding, positions, is_bos = hide_bos(padding, positions)
         state = self.get_incremental_state(incremental_state, "hf")
         out = self.hf(input_ids=tokens, attention_mask=(~padding).long(), position_ids=positions,
                       past_key_values=state["cache"] if state else None, use_cache=True,
                       logits_to_keep=1 if last_only else 0)
         self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
-        return _mask_absent_rows(out.logits, self.absent_rows)
+        logits = _mask_absent_rows(out.logits, self.absent_rows)
+        return start_rows_at_bos(logits, is_bos, self._start_row(tokens, False), last_only)
 
     def reorder_incremental_state(self, incremental_state, new_order):
         state = self.get_incremental_state(incremental_state, "hf")

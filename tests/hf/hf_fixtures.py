@@ -196,14 +196,19 @@ def batch(task, split="test", n=4):
     return ds.collater([ds[i] for i in range(min(n, len(ds)))])
 
 
-def hf_logits_on(hf_model, vocab, src_tokens):
-    """transformers' logits on fairseq-id tokens, as [B, T, V_hf] (tokenizer rows only)."""
+def hf_logits_on(hf_model, vocab, src_tokens, bos=False):
+    """transformers' logits on fairseq-id tokens, as [B, T, V_hf] (tokenizer rows only). HF-backed
+    models have no BOS (spec 5): transformers reads columns 1.., and column 0 is their constant
+    start row (zero logits); ``bos``: a model trained here from scratch, which reads column 0 too."""
     import torch
 
     f2h = torch.tensor(vocab.fairseq_to_hf)
     ids = f2h[src_tokens].clamp_min(0)  # right padding (absent pad row) never affects earlier positions
     with torch.no_grad():
-        return hf_model(input_ids=ids).logits[..., : vocab.size]
+        if bos:
+            return hf_model(input_ids=ids).logits[..., : vocab.size]
+        logits = hf_model(input_ids=ids[:, 1:]).logits[..., : vocab.size]
+        return torch.cat([logits.new_zeros(logits.size(0), 1, logits.size(2)), logits], 1)
 
 
 def in_hf_order(logits, vocab):

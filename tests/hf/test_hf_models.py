@@ -67,7 +67,7 @@ def check_greedy_generation(task, model, family, overrides=()):
         n = int(sample["prompt_lengths"][i])
         prompt = sample["net_input"]["src_tokens"][i, :n].tolist()
         ours = [vocab.fairseq_to_hf[t] for t in beams[0]["tokens"].tolist()]
-        ids = torch.tensor([[eos_hf] + [vocab.fairseq_to_hf[t] for t in prompt]])
+        ids = torch.tensor([[vocab.fairseq_to_hf[t] for t in prompt]])  # no BOS, as the references
         with torch.no_grad():
             out = ref.generate(ids, max_new_tokens=prompts_len + budget - n, do_sample=False,
                                eos_token_id=eos_hf, pad_token_id=eos_hf, suppress_tokens=suppress)
@@ -172,7 +172,7 @@ def test_export_kd_gpt2_student_trained_from_scratch(tmp_path):
     export_hf.main([ckpt, str(tmp_path / "hf"), "--data", data])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     vocab = HFVocab.from_meta(load_tokenizer_meta(data))
-    theirs = F.hf_logits_on(reloaded, vocab, sample["net_input"]["src_tokens"])
+    theirs = F.hf_logits_on(reloaded, vocab, sample["net_input"]["src_tokens"], bos=True)  # trained here: BOS
     real = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
     assert reloaded.config.model_type == "gpt2" and reloaded.config.n_layer == 1
     assert (F.in_hf_order(ours, vocab) - theirs)[real].abs().max().item() <= TOL
