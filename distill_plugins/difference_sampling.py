@@ -15,9 +15,12 @@ pre-trained on them with the plain LM loss, so training costs no teacher forward
   kept for comparison only.
 
 A document (fairseq's LM layout: its tokens end with EOS, and the previous document's EOS precedes
-it) is scored as [EOS] + x -> x in windows of at most ``window`` predicted tokens, each window a
-separate forward from its first input token (as fairseq's LM training cuts a long document into
-blocks); documents no longer than ``window`` are scored whole.
+it) is scored as [EOS] + x -> x in windows of at most ``window`` input tokens, each window a
+separate forward (as fairseq's LM training cuts a long document into blocks); documents shorter
+than ``window`` are scored whole. Every window starts with the BOS column of the task's inputs: the
+first one's is the preceding EOS; a later one's is an EOS put before its context token (the last
+token of the window before), with no label, so an HF-backed model (which skips column 0) reads the
+context token as transformers would.
 """
 import math
 from typing import Callable, List, Optional, Sequence
@@ -30,11 +33,18 @@ from .chunked_divergences import teacher_rows
 SCORES = ("difference", "ratio")
 
 
-def document_windows(tokens: Tensor, eos: int, window: int) -> List[tuple]:
-    """(inputs, targets) pairs of at most ``window`` tokens covering every token of ``tokens``."""
+def document_windows(tokens: Tensor, eos: int, window: int, pad: int) -> List[tuple]:
+    """(inputs, targets) pairs of at most ``window`` tokens (``max(window, 2)``) covering every token
+    of ``tokens`` once; ``pad`` marks the later windows' BOS column, which has no target."""
     full = torch.cat([tokens.new_tensor([eos]), tokens.long()])
     n = len(tokens)
-    return [(full[s:min(s + window, n)], full[s + 1:min(s + window, n) + 1]) for s in range(0, n, window)]
+    end = min(window, n)
+    pairs = [(full[:end], full[1:end + 1])]
+    step = max(window - 1, 1)  # later windows: the BOS column takes one of the ``window`` inputs
+    for s in range(end, n, step):
+        e = min(s + step, n)
+        pairs.append((torch.cat([full.new_tensor([eos]), full[s:e]]), torch.cat([full.new_tensor([pad]), full[s + 1:e + 1]])))
+    return pairs
 
 
 def _batches(lengths: Sequence[int], max_tokens: int):
@@ -72,7 +82,7 @@ def document_log_likelihoods(model, documents: Sequence[Tensor], pad: int, eos: 
         raise ValueError(f"need 1 <= window <= max_tokens, got window {window}, max_tokens {max_tokens}")
     windows, owner = [], []
     for d, tokens in enumerate(documents):
-        for pair in document_windows(tokens, eos, window):
+        for pair in document_windows(tokens, eos, window, pad):
             windows.append(pair)
             owner.append(d)
     totals = torch.zeros(len(documents), dtype=torch.float64)

@@ -25,17 +25,23 @@ def setup():
 
 
 def reference_log_likelihoods(model, docs, eos, window):
-    """Every window on its own, batch of one, in float64: sum of log softmax at the targets."""
+    """Every window on its own, batch of one, in float64: sum of log softmax at the targets. The
+    first window predicts tokens 0..w-1 from the preceding EOS on; each later one predicts the next
+    max(w - 1, 1) tokens from [EOS, context token, ...] (the EOS a BOS column without a target)."""
     model = model.double()
     out = []
     for doc in docs:
-        full = [eos] + doc.tolist()
-        total = 0.0
-        for s in range(0, len(doc), window):
-            inp = torch.tensor([full[s:s + window]])
-            tgt = torch.tensor(full[s + 1:s + 1 + window])
-            logits = model(inp)[0][0].double()
+        x = doc.tolist()
+        total, start = 0.0, 0
+        while start < len(x):
+            first = start == 0
+            count = min(window if first else max(window - 1, 1), len(x) - start)
+            context = [eos] if first else [eos, x[start - 1]]
+            inp = torch.tensor([context + x[start:start + count - 1]])
+            logits = model(inp)[0][0].double()[len(context) - 1:]  # the positions predicting x[start:]
+            tgt = torch.tensor(x[start:start + count])
             total += torch.log_softmax(logits, -1).gather(-1, tgt[:, None]).sum().item()
+            start += count
         out.append(total)
     model.float()
     return torch.tensor(out, dtype=torch.float64)
@@ -43,13 +49,18 @@ def reference_log_likelihoods(model, docs, eos, window):
 
 def test_windows_cover_every_token_once():
     doc = torch.tensor([5, 6, 7, 8, 9, 2])
+    pad = 1
     for window in (1, 2, 4, 6, 100):
-        pairs = document_windows(doc, eos=2, window=window)
-        assert torch.equal(torch.cat([t for _, t in pairs]), doc)
-        assert all(len(i) == len(t) <= window for i, t in pairs)
-        assert pairs[0][0][0] == 2  # the first window starts from the preceding EOS
-        for (inp, tgt) in pairs:  # inputs are the targets shifted right by one
-            assert torch.equal(inp[1:], tgt[:-1])
+        pairs = document_windows(doc, eos=2, window=window, pad=pad)
+        targets = torch.cat([t for _, t in pairs])
+        assert torch.equal(targets[targets.ne(pad)], doc)
+        assert all(len(i) == len(t) <= max(window, 2) for i, t in pairs)
+        assert pairs[0][0][0] == 2 and pairs[0][1][0] != pad  # the first window starts from the preceding EOS
+        for inp, tgt in pairs[1:]:  # later ones: a BOS (EOS) without target, then the context token
+            assert inp[0] == 2 and tgt[0] == pad
+            assert torch.equal(inp[2:], tgt[1:-1])
+        for (inp, tgt), (_, before) in zip(pairs[1:], pairs):
+            assert inp[1] == before[-1]  # the context token: the last target of the window before
 
 
 @pytest.mark.parametrize("window,max_tokens", [(64, 64), (64, 4096), (4, 8), (7, 64), (1, 3)])

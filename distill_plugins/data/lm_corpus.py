@@ -3,8 +3,10 @@ and DistiLLM's ``lm_coef`` * LM loss, both on OpenWebText in the papers (spec se
 
 DIR is either plain text binarized with the student's dictionary (``distill_plugins.cli.prepare_lm``
 or ``fairseq-preprocess --only-source --srcdict``: ``train.{bin,idx}`` + ``dict.txt``), cut into
-contiguous blocks of ``tokens_per_sample`` + 1 tokens with a label on every position
-(source = block[:-1], target = block[1:]); or a ``distill-prepare`` directory, whose responses are
+contiguous blocks of ``tokens_per_sample`` tokens, each an LM example as the references make it
+(input block[:-1], labels block[1:]) behind the task's BOS column: source = [EOS] + block[:-1],
+target = [pad] + block[1:] (HF-backed models skip column 0, so they see block[:-1] exactly as
+transformers does); or a ``distill-prepare`` directory, whose responses are
 the labels (``train.src-tgt.*``, ``dict.src.txt``). ``LMCorpus.batch(n, device)`` returns the next
 n sequences of a seeded random order, this worker's share (``ShardedOrder``, stream 2), collated
 like the task's batches. The order's position is saved in the task state and restored on resume
@@ -27,17 +29,20 @@ LM_STREAM = 2  # the ShardedOrder stream of LM batches (MiniLLM's rollout prompt
 
 
 class LMBlocks(torch.utils.data.Dataset):
-    """Contiguous token blocks as LM examples: source = block[:-1], target = block[1:]."""
+    """Contiguous token blocks as LM examples: source = [EOS] + block[:-1], target = [pad] + block[1:]
+    (column 0 is the BOS every model input starts with, and no label)."""
 
-    def __init__(self, blocks):
-        self.blocks = blocks
+    def __init__(self, blocks, eos: int, pad: int):
+        self.blocks, self.eos, self.pad = blocks, eos, pad
 
     def __len__(self):
         return len(self.blocks)
 
     def __getitem__(self, index):
         block = self.blocks[index]
-        return {"id": index, "source": block[:-1], "target": block[1:], "prompt_length": 0}
+        source = torch.cat([block.new_tensor([self.eos]), block[:-1]])
+        target = torch.cat([block.new_tensor([self.pad]), block[1:]])
+        return {"id": index, "source": source, "target": target, "prompt_length": 0}
 
 
 def _check_dictionary(path: str, dictionary: Dictionary, data_dir: str):
@@ -63,9 +68,9 @@ def load_lm_dataset(directory: str, dictionary: Dictionary, data_dir: str, token
     elif os.path.isfile(plain + ".bin"):
         _check_dictionary(os.path.join(directory, "dict.txt"), dictionary, data_dir)
         tokens = data_utils.load_indexed_dataset(plain, dictionary)
-        blocks = TokenBlockDataset(tokens, tokens.sizes, tokens_per_sample + 1, pad=dictionary.pad(),
+        blocks = TokenBlockDataset(tokens, tokens.sizes, tokens_per_sample, pad=dictionary.pad(),
                                    eos=dictionary.eos(), break_mode="none")
-        ds = LMBlocks(blocks)
+        ds = LMBlocks(blocks, dictionary.eos(), dictionary.pad())
     else:
         raise DistillError(f"--lm-data {directory} has neither train.src-tgt.src.bin (distill-prepare) nor "
                            "train.bin (fairseq-preprocess --only-source)")

@@ -30,7 +30,7 @@ def setup():
     sample = collate_examples([join_prompt_response(word(p), torch.cat([word(r), eos]), d.pad(), d.eos(), 16, i)
                                for i, (p, r) in enumerate([(3, 4), (5, 1), (2, 6)])], d.pad())
     blocks = [word(9) for _ in range(3)]  # contiguous LM blocks: a label on every position
-    lm = collate_examples([LMBlocks(blocks)[i] for i in range(3)], d.pad())
+    lm = collate_examples([LMBlocks(blocks, d.eos(), d.pad())[i] for i in range(3)], d.pad())
     lm["target"][2, 6:] = d.pad()  # and some padding, which is no label
     return task, student, sample, lm
 
@@ -79,7 +79,7 @@ def test_loss_is_the_sum_of_its_parts(setup, impl, lm_coef):
     kd = float(D.skew_kl(s[mask], t[mask], alpha=0.1).sum())
     n = int(mask.sum())
     lm_sum, n_lm = lm_ce64(student, lm, pad)
-    assert n_lm == 3 * 8 - 2
+    assert n_lm == 3 * 8 - 3  # 8 labels a block (column 0 is the BOS, no label); row 2 padded from column 6
 
     loss, sample_size, log = criterion(student, dict(sample, lm=lm))
     want = 0.7 * ce + 0.3 * kd + lm_coef * n * lm_sum / n_lm

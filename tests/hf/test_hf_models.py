@@ -183,3 +183,28 @@ def test_wrapped_model_is_float32_whatever_the_config_dtype():
     trained a student in bf16 without --bf16 (updates lost) and loaded fp32 weights rounded."""
     _, model, _ = build("llama", overrides=(("torch_dtype", "bfloat16"),))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("family,extra", [("gpt2", []), ("llama", [])], ids=["gpt2-native", "llama"])
+def test_lm_blocks_are_scored_as_transformers_scores_them(family, extra):
+    """--lm-data blocks (DistiLLM's LM term, MiniLLM's L_pt): transformers on input block[:-1],
+    labels block[1:] (no BOS), as the references; was one token of context short."""
+    import torch.nn.functional as fn
+
+    from distill_plugins.data.lm_corpus import LMBlocks
+    from distill_plugins.data.prompt_response_dataset import collate_examples
+
+    task, model, _ = build(family, *extra)
+    model.eval()
+    d, vocab = task.dictionary, model.hf_vocab
+    g = torch.Generator().manual_seed(0)
+    present = torch.tensor([f for f, h in enumerate(vocab.fairseq_to_hf) if h >= 0 and f >= d.nspecial])
+    blocks = [present[torch.randint(len(present), (12,), generator=g)] for _ in range(3)]
+    lm = collate_examples([LMBlocks(blocks, d.eos(), d.pad())[i] for i in range(3)], d.pad())
+    mask = lm["target"].ne(d.pad())
+    with torch.no_grad():
+        ours = fn.cross_entropy(model(**lm["net_input"])[0][mask], lm["target"][mask])
+        ids = torch.tensor(vocab.fairseq_to_hf)[torch.stack(blocks)]
+        logits = reference(family)(input_ids=ids[:, :-1]).logits[..., : vocab.size]
+        theirs = fn.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    assert int(mask.sum()) == 3 * 11 and abs(ours.item() - theirs.item()) <= TOL

@@ -38,9 +38,12 @@ def test_lm_data_formats_and_errors(data_bin, plain_lm_data, tmp_path):
         assert batch["target"].size(0) == 4
         if response_only:  # distill-prepare pairs: prompts are not labels
             assert batch["target"][:, 0].eq(pad).all()
-        else:  # contiguous blocks: every position is a label; source/target shifted by one
-            assert batch["target"].ne(pad).all() and batch["target"].size(1) == 32
-            assert torch.equal(batch["net_input"]["src_tokens"][:, 1:], batch["target"][:, :-1])
+        else:  # contiguous blocks behind the BOS column: a label on every other position; shifted by one
+            src, tgt = batch["net_input"]["src_tokens"], batch["target"]
+            real = src.ne(pad)  # the corpus's last block may be shorter (padded in the batch)
+            assert tgt[:, 0].eq(pad).all() and torch.equal(tgt[:, 1:].ne(pad), real[:, 1:]) and tgt.size(1) == 32
+            assert src[:, 0].eq(task.dictionary.eos()).all()
+            assert torch.equal(src[:, 2:][real[:, 2:]], tgt[:, 1:-1][real[:, 2:]])
     with pytest.raises(DistillError, match="is not a directory"):
         minillm_task(data_bin, lm_data=str(tmp_path / "missing")).load_lm_corpus()
     (tmp_path / "other").mkdir()

@@ -20,7 +20,7 @@ def setup():
     d = task.dictionary
     g = torch.Generator().manual_seed(3)
     blocks = [torch.randint(d.nspecial, len(d), (11,), generator=g) for _ in range(4)]
-    lm = collate_examples([LMBlocks(blocks)[i] for i in range(4)], d.pad())
+    lm = collate_examples([LMBlocks(blocks, d.eos(), d.pad())[i] for i in range(4)], d.pad())
     lm["target"][1, 4:] = d.pad()  # padding is no label
     return task, student, lm
 
