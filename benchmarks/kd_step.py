@@ -235,6 +235,10 @@ def trainer_step(cfg, task, model, criterion, sample, *also):
 
     def step():
         trainer.train_step([sample])
+        # gradients live within a step only, as in the reference (zero_grad(set_to_none=True)): fairseq
+        # would drop them at the next step's start, a free the CPU memory probe cannot see (it began
+        # before the probe), so they counted twice (in state_bytes and as the step's new allocation)
+        trainer.zero_grad()
 
     def state_bytes():
         opt = trainer.optimizer
