@@ -16,7 +16,7 @@ q/k/v selects the whole fused matrix there.
 """
 import math
 import re
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -104,11 +104,12 @@ def merge_lora(model: nn.Module) -> int:
     return count
 
 
-def load_base_weights(model: nn.Module, state: dict, strict: bool = True, ignore_missing=(), ignore_unexpected=()):
+def load_base_weights(model: nn.Module, state: dict, strict: bool = True, ignore_missing=(),
+                      ignore_unexpected: Optional[re.Pattern] = None):
     """``model.load_state_dict`` for a state dict without LoRA: a weight that carries a LoRA update
     is stored as ``<module>.parametrizations.weight.original`` and its ``lora_A/B`` keep their values.
     Strict about parameters (buffers may be missing), except the keys in ``ignore_missing`` and the
-    extra keys matching a regex of ``ignore_unexpected``; shapes must fit (one-line error)."""
+    extra keys ``ignore_unexpected`` (a regex) matches; shapes must fit (one-line error)."""
     own = model.state_dict()
     renamed = {}
     for key, value in state.items():
@@ -124,9 +125,8 @@ def load_base_weights(model: nn.Module, state: dict, strict: bool = True, ignore
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     skip = set(ignore_missing) | {k[: -len(".parametrizations.weight.original")] + ".weight" for k in ignore_missing}
     missing = [k for k in missing if k in params and ".parametrizations.weight.0." not in k and k not in skip]
-    if ignore_unexpected:
-        ignored = re.compile("|".join(f"({p})" for p in ignore_unexpected))
-        unexpected = [k for k in unexpected if not ignored.search(k)]
+    if ignore_unexpected is not None:
+        unexpected = [k for k in unexpected if not ignore_unexpected.search(k)]
     if strict and (missing or unexpected):
         raise DistillError(f"weights do not fit the model built from its config: missing {missing[:5]}, unexpected "
                            f"{unexpected[:5]}; config.json and the weights disagree")

@@ -146,14 +146,19 @@ class ChainRunner:
         self.manifest.save()
         self.say(f"{tag}: pretrained checkpoint {p.stage.pretrained} (sha256 {short(p.sha256)})")
 
-    def _record_reselection(self, p: StagePlan, tag: str):
-        stage, man = p.stage, self.manifest
-        rec = man.stages[stage.name]
-        teacher_sha = [man.stages[t]["checkpoint"]["sha256"] for t in stage.teachers]
+    def _inputs(self, stage: StageSpec):
+        """(settings, teacher sha256s as recorded, init sha256, fingerprint) of a stage now."""
+        teacher_sha = [self.manifest.stages[t]["checkpoint"]["sha256"] for t in stage.teachers]
         init_sha = sha256_file(stage.init) if stage.init else None
         settings = stage_settings(stage)
-        rec.update({"settings": settings, "fingerprint": fingerprint(settings, teacher_sha, init_sha, self.data_sha256),
-                    "checkpoint": {"path": man.relative(self.chain.checkpoint_path(stage)), "sha256": p.sha256}})
+        return settings, teacher_sha, init_sha, fingerprint(settings, teacher_sha, init_sha, self.data_sha256)
+
+    def _record_reselection(self, p: StagePlan, tag: str):
+        stage, man = p.stage, self.manifest
+        settings, _, _, fp = self._inputs(stage)
+        man.stages[stage.name].update({
+            "settings": settings, "fingerprint": fp,
+            "checkpoint": {"path": man.relative(self.chain.checkpoint_path(stage)), "sha256": p.sha256}})
         man.save()
         self.say(f"{tag}: {p.reasons[0]}")
 
@@ -162,15 +167,13 @@ class ChainRunner:
         save_dir = chain.save_dir(stage)
         os.makedirs(save_dir, exist_ok=True)
         teachers = [chain.stage(t) for t in stage.teachers]
-        teacher_sha = [man.stages[t.name]["checkpoint"]["sha256"] for t in teachers]
-        init_sha = sha256_file(stage.init) if stage.init else None
-        settings = stage_settings(stage)
+        settings, teacher_sha, init_sha, fp = self._inputs(stage)
         cmd = self.command(stage)
         rec = man.stages.get(stage.name) if p.action == "resume" else None
         rec = rec or {"attempts": 0, "wall_time_s": 0.0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         rec.update({
             "status": "running",
-            "fingerprint": fingerprint(settings, teacher_sha, init_sha, self.data_sha256),
+            "fingerprint": fp,
             "settings": settings,
             "command": shlex.join(cmd),
             "save_dir": man.relative(save_dir),

@@ -4,7 +4,6 @@ The data directory records its tokenizer in ``tokenizer.json`` so that every lat
 generation, scoring) decodes with exactly the same one: a SentencePiece model trained here, or a
 Hugging Face checkpoint's own tokenizer (``HFTokenizer``), behind the same four methods.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -127,16 +126,16 @@ def tokenizer_identity(data_dir: str) -> Optional[dict]:
     that a model is never used with data of another tokenizer: the HF tokenizer's fingerprint (dict.txt
     of an HF tokenizer holds only ids, so two tokenizers of one size share it) or the sha256 of the
     SentencePiece model (same pieces, other scores: other segmentations). None without tokenizer.json."""
-    path = os.path.join(data_dir, TOKENIZER_META)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(data_dir, TOKENIZER_META)):
         return None
-    with open(path) as f:
-        meta = json.load(f)
+    meta = load_tokenizer_meta(data_dir)
     if meta.get("type") == HFTokenizer.kind:
         return {"type": HFTokenizer.kind, "sha256": meta.get("fingerprint")}
-    if meta.get("type") == SentencePieceTokenizer.kind and os.path.isfile(os.path.join(data_dir, meta.get("model", ""))):
-        with open(os.path.join(data_dir, meta["model"]), "rb") as f:
-            return {"type": SentencePieceTokenizer.kind, "sha256": hashlib.sha256(f.read()).hexdigest()}
+    model = os.path.join(data_dir, meta.get("model", ""))
+    if meta.get("type") == SentencePieceTokenizer.kind and os.path.isfile(model):
+        from ..teacher import sha256_file
+
+        return {"type": SentencePieceTokenizer.kind, "sha256": sha256_file(model)}
     return None
 
 

@@ -8,6 +8,7 @@ safetensors once, in a sandbox, is the better way.
 """
 import json
 import os
+import re
 from typing import Dict, Optional
 
 import torch
@@ -33,9 +34,10 @@ IGNORED_EXTRA_KEYS = (r"(^|\.)attn\.bias$", r"(^|\.)attn\.masked_bias$", r"rotar
                       r"(^|\.)position_ids$")
 
 
-def ignored_extra_keys(hf_model=None):
-    """``IGNORED_EXTRA_KEYS`` and the model class's own ``_keys_to_ignore_on_load_unexpected``."""
-    return IGNORED_EXTRA_KEYS + tuple(getattr(hf_model, "_keys_to_ignore_on_load_unexpected", None) or ())
+def ignored_extra_keys(hf_model=None) -> re.Pattern:
+    """One regex of ``IGNORED_EXTRA_KEYS`` and the model class's own ``_keys_to_ignore_on_load_unexpected``."""
+    patterns = IGNORED_EXTRA_KEYS + tuple(getattr(hf_model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return re.compile("|".join(f"({p})" for p in patterns))
 
 
 def is_hf_dir(path: str) -> bool:

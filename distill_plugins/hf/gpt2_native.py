@@ -84,8 +84,6 @@ class _Reads:
 def hf_to_fairseq(state: Dict[str, torch.Tensor], config, vocab: HFVocab) -> Dict[str, torch.Tensor]:
     """GPT-2 weights -> fairseq TransformerLanguageModel state dict (``decoder.*``); every tensor of
     ``state`` must be used (transformers' ignorable buffers and a tied ``lm_head`` aside)."""
-    import re
-
     from .checkpoint_dir import ignored_extra_keys
 
     s = _Reads(_strip(state), f"config.json's GPT-2 (n_layer {config.n_layer})", "config.json and the weights disagree")
@@ -114,7 +112,7 @@ def hf_to_fairseq(state: Dict[str, torch.Tensor], config, vocab: HFVocab) -> Dic
             out[f + fs_name + ".bias"] = s[h + hf_name + ".bias"].clone()
     out["decoder.layer_norm.weight"] = s["ln_f.weight"].clone()
     out["decoder.layer_norm.bias"] = s["ln_f.bias"].clone()
-    ignored = re.compile("|".join(f"({p})" for p in ignored_extra_keys()))
+    ignored = ignored_extra_keys()
     s.check_all_used(lambda k: bool(ignored.search(k)) or (k == "lm_head.weight" and torch.equal(s.s[k], emb_hf)))
     # Without it fairseq's upgrade_state_dict takes the weights for a pre-2019 checkpoint and
     # silently drops the final LayerNorm.

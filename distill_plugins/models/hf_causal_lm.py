@@ -200,13 +200,14 @@ def hide_bos(padding: torch.Tensor, positions: torch.Tensor):
     return padding | bos, (positions - 1).clamp(min=0), bos[:, -positions.size(1):]
 
 
-def start_rows_at_bos(logits: torch.Tensor, is_bos: torch.Tensor, start: torch.Tensor, last_only: bool):
-    """A prefill's logits with the BOS positions' output replaced by the start row, as a full forward
-    gives it (the network never ran on the BOS; for an empty prompt it is the next-token distribution)."""
+def start_rows_at_bos(logits: torch.Tensor, is_bos: torch.Tensor, start, last_only: bool):
+    """A prefill's logits with the BOS positions' output replaced by the start row (``start()``, made
+    only if needed), as a full forward gives it (the network never ran on the BOS; for an empty
+    prompt it is the next-token distribution)."""
     where = is_bos[:, -1:] if last_only else is_bos
     if not bool(where.any()):
         return logits
-    return torch.where(where.unsqueeze(-1), start.to(logits.dtype), logits)
+    return torch.where(where.unsqueeze(-1), start().to(logits.dtype), logits)
 
 
 class NoBOSTransformerDecoder(TransformerDecoder):
@@ -237,7 +238,7 @@ class NoBOSTransformerDecoder(TransformerDecoder):
 
         padding, positions, is_bos = hide_bos(padding, positions)
         logits = fairseq_decoder_step(self, tokens, padding, positions, incremental_state, last_only)
-        return start_rows_at_bos(logits, is_bos, self._start_row(tokens, False), last_only)
+        return start_rows_at_bos(logits, is_bos, lambda: self._start_row(tokens, False), last_only)
 
 
 class NativeGPT2LM(HFBackedModel, TransformerLanguageModel):
@@ -343,24 +344,24 @@ class HFDecoder(FairseqIncrementalDecoder):
 
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
         tokens = without_bos(prev_output_tokens)
-        start = self._start_row(prev_output_tokens, features_only)
+        start = lambda: self._start_row(prev_output_tokens, features_only)  # noqa: E731  (not on cached steps)
         if features_only:  # the hidden states lm_head takes (for --kd-impl fused)
             if incremental_state is not None:
                 raise NotImplementedError("hf_causal_lm: features_only without incremental decoding only")
             if tokens.size(1) == 0:
-                return start, EMPTY_EXTRA
+                return start(), EMPTY_EXTRA
             hidden = self.hf.base_model(input_ids=tokens, use_cache=False).last_hidden_state
-            return with_start_row(hidden, start), EMPTY_EXTRA
+            return with_start_row(hidden, start()), EMPTY_EXTRA
         if incremental_state is None:
             if tokens.size(1) == 0:
-                return start, EMPTY_EXTRA
+                return start(), EMPTY_EXTRA
             logits = self.hf(input_ids=tokens, use_cache=False).logits
-            return with_start_row(_mask_absent_rows(logits, self.absent_rows), start), EMPTY_EXTRA
+            return with_start_row(_mask_absent_rows(logits, self.absent_rows), start()), EMPTY_EXTRA
         state = self.get_incremental_state(incremental_state, "hf")
         cache = state["cache"] if state else None
         past = cache.get_seq_length() if cache is not None else 0
         if tokens.size(1) <= past:  # only the BOS so far (the generator's first step)
-            return start, EMPTY_EXTRA
+            return start(), EMPTY_EXTRA
         out = self.hf(input_ids=tokens[:, past:], past_key_values=cache, use_cache=True)
         self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
         return _mask_absent_rows(out.logits, self.absent_rows), EMPTY_EXTRA
@@ -378,7 +379,7 @@ class HFDecoder(FairseqIncrementalDecoder):
                       logits_to_keep=1 if last_only else 0)
         self.set_incremental_state(incremental_state, "hf", {"cache": out.past_key_values})
         logits = _mask_absent_rows(out.logits, self.absent_rows)
-        return start_rows_at_bos(logits, is_bos, self._start_row(tokens, False), last_only)
+        return start_rows_at_bos(logits, is_bos, lambda: self._start_row(tokens, False), last_only)
 
     def reorder_incremental_state(self, incremental_state, new_order):
         state = self.get_incremental_state(incremental_state, "hf")
