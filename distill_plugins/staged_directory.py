@@ -3,12 +3,18 @@ miniplm, export-hf), and the checks that a destination is safe to replace (``che
 
 A CLI writes into a scratch directory next to the destination; only when its block finishes
 without an error does the scratch output replace the destination (``os.replace``: atomic on one
-filesystem). On any error the scratch directory is removed and the destination is untouched.
+filesystem). On any error, Ctrl-C or SIGTERM the scratch directory is removed and the destination is
+untouched. A process killed outright (SIGKILL, OOM) cannot clean up: its scratch directory, named
+after its host and pid, is removed by the next run that stages beside it once that pid is gone.
 """
 import contextlib
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 
 from .errors import DistillError, check
 
@@ -19,7 +25,10 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
     becomes ``dest`` (replacing an existing one) when the ``with`` block succeeds."""
     parent = os.path.dirname(dest) or "."
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    owner = f"{prefix}{socket.gethostname()}-"
+    _remove_orphans(parent, owner)
+    work = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+    previous = _raise_on_sigterm(dest)
     try:
         out = os.path.join(work, "out")
         os.makedirs(out)
@@ -29,6 +38,37 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
         os.replace(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm(dest: str):
+    """Make SIGTERM unwind the stack (so ``finally`` blocks run) while a directory is staged; the
+    handler it replaces, or None where signals cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        print(f"error: stopped by SIGTERM; the partial output was removed and {dest} is unchanged",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _remove_orphans(parent: str, owner: str):
+    """Remove scratch directories ``<owner><pid>-*`` in ``parent`` left by killed processes of this
+    host (their pid no longer runs)."""
+    for name in os.listdir(parent):
+        pid = name[len(owner):].split("-", 1)[0] if name.startswith(owner) else ""
+        if not pid.isdigit() or not os.path.isdir(os.path.join(parent, name)):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:  # a live process of another user
+            pass
 
 
 def is_within(path: str, top: str) -> bool:
