@@ -46,3 +46,8 @@ class StudentDataConfig(FairseqDataclass):
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    continue_once: Optional[str] = II("checkpoint.continue_once")
+    load_checkpoint_on_all_dp_ranks: bool = II("checkpoint.load_checkpoint_on_all_dp_ranks")
+    ddp_backend: str = II("distributed_training.ddp_backend")
+    use_sharded_state: bool = II("distributed_training.use_sharded_state")

@@ -359,8 +359,13 @@ class InstructionDistillationTask(FairseqTask):
     # -- every worker's own state in the checkpoint (distributed_compat.py, fix 3) ------------------
     def worker_state(self) -> Optional[dict]:
         """What this worker keeps for itself, which rank 0's ``state_dict`` alone would miss (its replay
-        buffer); None: nothing."""
-        return {"student_data": self.student_data.state_dict()} if self.student_data is not None else None
+        buffer, its position in its share of --lm-data); None: nothing."""
+        own = {}
+        if self.student_data is not None:
+            own["student_data"] = self.student_data.state_dict()
+        if self.lm_corpus is not None:  # workers' shares differ in length, and their batches in size
+            own["lm_order"] = self.lm_corpus.order.state_dict()
+        return own or None
 
     def gather_worker_states(self) -> None:
         """Called on every worker right before rank 0 writes a checkpoint: rank 0 gets all workers'
@@ -392,7 +397,7 @@ class InstructionDistillationTask(FairseqTask):
             return
         self.restored_state = restored_task_state(self.cfg, update_num)
         self.load_state_dict(self.restored_state)  # fairseq never calls it: compares the teachers
-        saved = self.restored_state.get("lm_order")
+        saved = self.own_restored_state("lm_order")
         if saved and self.lm_corpus is not None:
             self.lm_corpus.order.load_state_dict(saved)
             logger.info(f"--lm-data order restored at epoch {saved['epoch']}, position {saved['pos']}")

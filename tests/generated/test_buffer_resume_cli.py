@@ -43,3 +43,15 @@ def test_resume_continues_with_the_same_buffer(data_bin, teacher_ckpt, tmp_path)
     for k in ("tokens", "lengths", "ids", "prompt_lengths"):
         assert torch.equal(end_a[k], end_b[k]), k
     assert all(e["bsz"] * e["width"] <= MAX_TOKENS for e in a)  # replayed batches keep to the budget
+
+
+def test_resume_with_a_checkpoint_suffix_restores_the_buffer(data_bin, teacher_ckpt, tmp_path):
+    # fairseq resumes from checkpoint_last_s.pt; the task state must come from that file too
+    args = ["--criterion", "kd", "--kd-ratio", "1.0", "--teacher-path", teacher_ckpt, "--student-data-mode",
+            "always", "--gen-max-new-tokens", "6", "--replay-buffer-size", "6", "--max-tokens", str(MAX_TOKENS),
+            "--disable-validation", "--checkpoint-suffix", "_s"]
+    train(data_bin, tmp_path, *args, max_update=2)
+    assert (tmp_path / "checkpoint_last_s.pt").is_file() and not (tmp_path / "checkpoint_last.pt").exists()
+    proc = train(data_bin, tmp_path, *args, max_update=3)
+    log = proc.stdout + proc.stderr
+    assert "Loaded checkpoint" in log and "replay buffer restored with 6 sequences" in log
