@@ -155,16 +155,22 @@ class StudentData:
             max_positions=task.max_positions(), num_shards=self.world, shard_id=self.rank, seed=self.seed,
             disable_iterator_cache=True,
         ).next_epoch_itr(shuffle=False)
-        ce, ntok = 0.0, 0
+        ce, ntok, first = 0.0, 0, None
         model.eval()  # the criterion directly, not task.valid_step: no validation extras (Rouge-L)
         with torch.no_grad():
             for sample in itr:
-                if not sample:
-                    continue
+                # a worker whose share is a batch short gets {}: it still runs the criterion (result
+                # dropped), as fairseq's valid_step does, since a sharded teacher's or student's
+                # forward is a collective that every worker must call equally often
+                dummy = not sample
+                if dummy:
+                    sample = first or task.dataset(subset).collater([task.dataset(subset)[0]])
+                first = first or sample
                 sample = utils.apply_to_sample(lambda t: t.to(device), sample)
                 _, _, log = criterion(model, sample)
-                ce += float(log["nll_loss"] if "nll_loss" in log else log["loss"])
-                ntok += int(log["ntokens"])
+                if not dummy:
+                    ce += float(log["nll_loss"] if "nll_loss" in log else log["loss"])
+                    ntok += int(log["ntokens"])
         model.train()
         totals = torch.tensor([ce, float(ntok)], dtype=torch.float64, device=device)
         if self.world > 1:

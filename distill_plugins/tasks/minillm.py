@@ -86,6 +86,10 @@ class MiniLLMTask(InstructionDistillationTask):
         check(cfg.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {cfg.ppo_epochs}")
         check(0.0 <= cfg.teacher_mixed_alpha < 1.0,
               f"--teacher-mixed-alpha must be in [0, 1), got {cfg.teacher_mixed_alpha}")
+        check(str(cfg.teacher_sharding) == "replicated" or cfg.teacher_mixed_alpha == 0.0,
+              "--teacher-sharding fsdp cannot sample with the teacher (--teacher-mixed-alpha "
+              f"{cfg.teacher_mixed_alpha}): its calls would differ between workers; pass --teacher-sharding "
+              "replicated or --teacher-mixed-alpha 0")
         check(cfg.rollout_max_len is None or cfg.rollout_max_len >= 2,
               f"--rollout-max-len must be >= 2, got {cfg.rollout_max_len}")
         check(cfg.rollout_max_new_tokens is None or cfg.rollout_max_new_tokens >= 1,

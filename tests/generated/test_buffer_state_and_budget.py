@@ -123,3 +123,34 @@ def test_replayed_batch_respects_max_tokens():
     src = batch["net_input"]["src_tokens"]
     assert src.size(0) == 2 and src.numel() <= 60  # 8 requested, 2 x 30 fit
     assert set(batch["id"].tolist()) <= set(range(100, 106))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_initial_dev_loss_calls_the_criterion_equally_often_on_every_worker(data_bin, rank, monkeypatch):
+    """24 dev rows in batches of 5 over 2 workers: shares of 3 and 2 batches (+ fairseq's empty
+    filler); the short worker runs a dummy batch (dropped), since a sharded teacher's or student's
+    forward is a collective that every worker must call equally often."""
+    from conftest import tiny_model
+    from distill_plugins.generated import student_data as module
+    from distill_plugins.tasks.instruction_distillation import (InstructionDistillationConfig,
+                                                                InstructionDistillationTask)
+
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin, seed=1))
+    task.load_dataset("valid")
+    model = tiny_model(task, 0)
+    sd = StudentData(cfg(max_tokens_valid=None, batch_size_valid=5, valid_subset="valid"), task)
+    sd.rank, sd.world = rank, 2
+    reduced = []
+    monkeypatch.setattr(module.dist_utils, "all_reduce", lambda t, group: reduced.append(t.clone()))
+    monkeypatch.setattr(module.dist_utils, "get_data_parallel_group", lambda: None)
+    calls = []
+
+    def criterion(model, sample):
+        n = int(sample["ntokens"])
+        calls.append(n)
+        return None, n, {"nll_loss": 2.0 * n, "ntokens": n}
+
+    assert sd.initial_dev_loss(task, model, criterion) == pytest.approx(2.0)
+    assert len(calls) == 3  # on both workers: 3 real batches, or 2 and a dummy
+    counted = sum(calls) if rank == 0 else sum(calls[:2])  # the dummy's tokens are not counted
+    assert reduced[0][1] == counted

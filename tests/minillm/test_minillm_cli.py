@@ -51,6 +51,10 @@ def test_lm_data_formats_and_errors(data_bin, plain_lm_data, tmp_path):
         minillm_task(data_bin, lm_data=str(tmp_path / "other")).load_lm_corpus()
     with pytest.raises(DistillError, match="--ppo-epochs"):
         minillm_task(data_bin, ppo_epochs=0)
+    # a sharded teacher's forward is a collective: sampling with it would call it unequally often
+    with pytest.raises(DistillError, match="--teacher-sharding fsdp cannot sample with the teacher"):
+        minillm_task(data_bin, teacher_sharding="fsdp")
+    assert minillm_task(data_bin, teacher_sharding="fsdp", teacher_mixed_alpha=0.0).cfg.teacher_mixed_alpha == 0.0
 
 
 def test_rollouts_use_the_model_inside_nested_data_parallel_wrappers():
