@@ -210,8 +210,11 @@ class StudentData:
             dist_utils.all_reduce(not_full, group=dist_utils.get_data_parallel_group(), op="max")
         return bool(not_full.item() == 0.0)
 
-    def prepare(self, task, sample, model, criterion, update_num: int):
-        """Returns the batch to train on and this step's logging counters."""
+    def prepare(self, task, sample, model, criterion, update_num: int, dummy: bool = False):
+        """Returns the batch to train on and this step's logging counters. ``dummy``: fairseq's
+        stand-in batch of a worker that ran out of data (trained with its gradient ignored): the
+        decision is still drawn (and any collective of it joined), but nothing is generated for it
+        or put in the buffer, which holds generations of batches actually trained on."""
         if not self._started:
             self._start(task, model, criterion, update_num)
         if update_num != self._update:
@@ -228,6 +231,8 @@ class StudentData:
             full = self._all_full(device)
         source = schedule.choose_source(self.mode, r, lam=1.0 if self.mode == "always" else self.cfg.student_data_lambda,
                                         tau=tau, s=s, buffer_full=full)
+        if dummy:
+            source = schedule.GROUND_TRUTH
         log = {k: 0.0 for k in LOG_KEYS}
         log["sd_steps"] = 1.0
         bsz = int(sample["target"].size(0))

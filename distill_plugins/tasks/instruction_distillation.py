@@ -491,7 +491,7 @@ class InstructionDistillationTask(FairseqTask):
             criterion.set_num_updates(update_num)
         extra = {}
         if self.student_data is not None:  # may replace the batch by student generations or a replay
-            sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num)
+            sample, extra = self.student_data.prepare(self, sample, model, criterion, update_num, dummy=ignore_grad)
         if self.lm_corpus is not None and sample:  # the extra LM term's batch (not on empty dummy batches)
             sample = dict(sample, lm=self.lm_batch(self.cfg.lm_batch_size or int(sample["target"].size(0)),
                                                    sample["target"].device))

@@ -154,3 +154,25 @@ def test_initial_dev_loss_calls_the_criterion_equally_often_on_every_worker(data
     assert len(calls) == 3  # on both workers: 3 real batches, or 2 and a dummy
     counted = sum(calls) if rank == 0 else sum(calls[:2])  # the dummy's tokens are not counted
     assert reduced[0][1] == counted
+
+
+def test_dummy_batches_generate_nothing_and_leave_the_buffer(monkeypatch):
+    """fairseq's stand-in batch of a worker out of data (ignore_grad) trains on itself: its prompts
+    are not generated for, and the buffer holds generations of batches actually trained on."""
+    task = SimpleNamespace(dictionary=SimpleNamespace(pad=lambda: PAD), own_restored_state=lambda key: None)
+    sd = StudentData(cfg(student_data_mode="always"), task)
+    made = []
+
+    def generate(task, model, sample, device):
+        made.append(sample["id"].tolist())
+        return [example(int(i), 3, 2) for i in sample["id"]], 0.0
+
+    monkeypatch.setattr(sd, "_generate", generate)
+    sample = collate_examples([example(i, 3, 2) for i in (7, 8)], PAD)
+    trained, log = sd.prepare(task, sample, None, None, update_num=0)
+    first = sample["id"].tolist()
+    assert made == [first] and len(sd.buffer) == 2 and log["sd_gen"] == 1.0
+    state = sd.buffer.rng.getstate()
+    again, log = sd.prepare(task, sample, None, None, update_num=1, dummy=True)
+    assert made == [first] and len(sd.buffer) == 2 and again is sample and log["sd_gt"] == 1.0
+    assert sd.buffer.rng.getstate() == state
