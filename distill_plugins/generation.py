@@ -7,8 +7,17 @@ blocking after forcing the prefix, so a prompt that itself repeats an n-gram get
 blocked and the row breaks (all -inf). Here blocking applies only to tokens the model chooses; the
 prompt still counts as history for later n-grams, as in Hugging Face ``generate``. The blocker
 itself is ``ngram_blocking.NGramBlocker``: fairseq's CPU one never blocks anything.
+
+Sampling (``underflow_safe_sampling``, also used by ``PrefillGenerator``): fairseq samples from
+``exp(lprobs)``; at the length limit it keeps only EOS's log-probability, and where that is below
+about -104 (an unlikely EOS, a low temperature) exp() underflows to 0 in fp32 and
+``torch.multinomial`` fails ("invalid multinomial distribution"). Such rows are sampled from their
+log-probabilities shifted by the row's maximum, and the shift is added back to the scores: the
+same distribution and scores, without the underflow.
 """
+import torch
 from torch import nn
+from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator
 
 from .ngram_blocking import NGramBlocker
@@ -30,9 +39,33 @@ class _BlockFreeRowsOnly(nn.Module):
         return lprobs
 
 
+UNDERFLOW_BELOW = -50.0  # a row's largest log-probability; a normalised row's is >= -log(vocab size)
+
+
+def underflow_safe_sampling(searcher):
+    """``searcher`` (a ``fairseq.search.Sampling``; others are returned as they are) with a ``step``
+    that samples rows whose every log-probability is below UNDERFLOW_BELOW from the row shifted by
+    its maximum, and adds the shift back to the returned scores."""
+    if not isinstance(searcher, search.Sampling):
+        return searcher
+    step = searcher.step
+
+    def safe_step(step_num, lprobs, scores, *args, **kwargs):
+        top = lprobs.max(dim=-1, keepdim=True).values
+        shift = torch.where(torch.isfinite(top) & (top < UNDERFLOW_BELOW), top, torch.zeros_like(top))
+        if not bool(shift.any()):
+            return step(step_num, lprobs, scores, *args, **kwargs)
+        scores_buf, indices_buf, beams_buf = step(step_num, lprobs - shift, scores, *args, **kwargs)
+        return scores_buf + shift.view(scores_buf.shape), indices_buf, beams_buf
+
+    searcher.step = safe_step
+    return searcher
+
+
 class PromptSequenceGenerator(SequenceGenerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.search = underflow_safe_sampling(self.search)
         self.forced_rows = {}
         if self.repeat_ngram_blocker is not None:
             # fairseq's own CPU blocker never blocks (ngram_blocking.py): use a correct one

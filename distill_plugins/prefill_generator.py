@@ -18,6 +18,7 @@ from typing import Dict, List
 import torch
 from fairseq import search
 
+from .generation import underflow_safe_sampling
 from .ngram_blocking import NGramBlocker
 from .prompt_prefill import decoder_step, supports_prefill
 
@@ -38,7 +39,8 @@ class PrefillGenerator:
         self.model = model
         self.pad, self.eos, self.unk = tgt_dict.pad(), tgt_dict.eos(), tgt_dict.unk()
         self.sampling = bool(getattr(args, "sampling", False))
-        self.search = search.Sampling(tgt_dict, getattr(args, "sampling_topk", -1), getattr(args, "sampling_topp", -1.0))
+        self.search = underflow_safe_sampling(
+            search.Sampling(tgt_dict, getattr(args, "sampling_topk", -1), getattr(args, "sampling_topp", -1.0)))
         self.temperature = float(getattr(args, "temperature", 1.0))
         assert self.temperature > 0, "--temperature must be greater than 0"
         self.max_len_a = getattr(args, "max_len_a", 0)

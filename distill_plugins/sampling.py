@@ -60,11 +60,14 @@ class MixtureLM(FairseqLanguageModel):
 
 def generation_args(top_p: float = 1.0, temperature: float = 1.0, max_len: int = 512, top_k: int = 0,
                     no_repeat_ngram_size: int = 0, beam: int = 1, sampling: bool = True) -> Namespace:
-    """Arguments for ``task.build_generator``; top_k 0 / top_p 1.0 mean 'off' (fairseq uses -1)."""
+    """Arguments for ``task.build_generator``; top_k 0 / top_p 1.0 mean 'off' (fairseq uses -1).
+    ``max_len``: prompt + response hold at most this many tokens, a sampled EOS included, as Hugging
+    Face's ``generate(max_length=...)``; the generator forces EOS at step ``max_len``, a token
+    ``generate_responses`` removes."""
     return Namespace(
         beam=beam, sampling=sampling, sampling_topk=top_k if top_k > 0 else -1,
         sampling_topp=top_p if top_p < 1.0 else -1.0, temperature=temperature,
-        max_len_a=0, max_len_b=max_len - 1, min_len=1, no_repeat_ngram_size=no_repeat_ngram_size,
+        max_len_a=0, max_len_b=max_len, min_len=1, no_repeat_ngram_size=no_repeat_ngram_size,
         lenpen=1, unkpen=0, match_source_len=False, diverse_beam_groups=-1, diverse_beam_strength=0.5,
         diversity_rate=-1, constraints=None, prefix_allowed_tokens_fn=None, print_alignment=None,
         iter_decode_max_iter=10, iter_decode_eos_penalty=0.0, iter_decode_force_max_iter=False,

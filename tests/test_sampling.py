@@ -91,6 +91,40 @@ def test_the_eos_forced_at_the_length_limit_is_not_a_response_token(prefill):
     responses = generate_responses(task, never, sample, max_len=16)
     for p, r in zip(prompts, responses):
         assert eos not in r.tolist()
-        assert len(p) + len(r) == 15  # generation_args(max_len=16): EOS forced at step 15
+        assert len(p) + len(r) == 16  # generation_args(max_len=16): EOS forced at step 16, removed
+    # the forced EOS is chosen even where its probability underflows (EOS 120 nats down at T = 0.25)
+    for p, r in zip(prompts, generate_responses(task, never, sample, max_len=16, temperature=0.25)):
+        assert len(p) + len(r) == 16 and eos not in r.tolist()
     always = _with_eos_logit(in_memory_kd_task(tokens_per_sample=16)[1], eos, 30.0)
     assert all(r.tolist() == [eos] for r in generate_responses(task, always, sample, max_len=16))
+
+
+def test_underflow_safe_sampling_keeps_distribution_and_scores():
+    """A row whose only finite log-probability underflows exp() (fairseq's forced EOS at a low
+    temperature) is sampled, with its true score; ordinary rows sample and score bit for bit as
+    fairseq's Sampling."""
+    import math
+
+    from fairseq import search
+    from fairseq.data import Dictionary
+
+    from distill_plugins.generation import underflow_safe_sampling
+
+    d = Dictionary()
+    for i in range(20):
+        d.add_symbol(f"w{i}")
+    plain, safe = search.Sampling(d), underflow_safe_sampling(search.Sampling(d))
+    lprobs = torch.log_softmax(torch.randn(3, 1, len(d)), -1)
+    lprobs[1] = -math.inf
+    lprobs[1, 0, d.eos()] = -200.0  # exp(-200) == 0 in fp32
+    with pytest.raises(RuntimeError, match="multinomial"):
+        plain.step(0, lprobs.clone(), None)
+    torch.manual_seed(3)
+    scores, tokens, _ = safe.step(0, lprobs.clone(), None)
+    assert tokens[1, 0] == d.eos() and scores[1, 0] == pytest.approx(-200.0)
+    ordinary = lprobs[[0, 2]]
+    torch.manual_seed(3)
+    a = plain.step(0, ordinary.clone(), None)
+    torch.manual_seed(3)
+    b = safe.step(0, ordinary.clone(), None)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

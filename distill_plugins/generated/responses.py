@@ -2,9 +2,10 @@
 
 Generation is ``sampling.generate_responses`` (the task's generator: one prompt prefill,
 incremental decoding, top-p and temperature), with a budget of
-``max_new_tokens`` per row like Hugging Face's ``max_new_tokens``: the batch may decode one token
-past the longest prompt + budget, then each response is cut to ``max_new_tokens`` tokens (a
-response that stopped in time keeps its EOS; a cut one has none, as in DistiLLM/MiniLLM).
+``max_new_tokens`` per row like Hugging Face's ``max_new_tokens``: the batch decodes up to the
+longest prompt + budget (and at most ``max_total`` tokens, a row of --tokens-per-sample), then each
+response is cut to ``max_new_tokens`` tokens (a response that stopped in time keeps its EOS; a cut
+one has none, as in DistiLLM/MiniLLM).
 
 Labels come from ``join_prompt_response``: src = [EOS] + prompt + response[:-1], target = pads over
 the prompt then the response, so the label of position t is token t + 1 (DistiLLM's sampler labels
@@ -22,7 +23,7 @@ def sample_responses(task, model, sample, max_new_tokens: int, top_p: float = 1.
                      max_total: int = 512) -> List[torch.Tensor]:
     """One sampled response per prompt of ``sample``, at most ``max_new_tokens`` tokens each."""
     longest_prompt = int(sample["prompt_lengths"].max())
-    budget = min(longest_prompt + max_new_tokens + 1, max_total)  # prompt + response (+ EOS)
+    budget = min(longest_prompt + max_new_tokens, max_total)  # prompt + response (a sampled EOS included)
     responses = generate_responses(task, model, sample, top_p=top_p, temperature=temperature, max_len=budget)
     return [r[:max_new_tokens] for r in responses]
 

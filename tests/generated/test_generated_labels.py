@@ -75,5 +75,8 @@ def test_max_new_tokens_cuts_each_response(data_bin, monkeypatch):
     monkeypatch.setattr(task, "build_generator", build)
     got = sample_responses(task, torch.nn.Linear(1, 1), sample, max_new_tokens=4, max_total=512)
     assert [g.tolist() for g in got] == [[50, 51, 52, 53], [60, 61, eos], [70] * 4]
-    # the batch may decode one token past the longest prompt + budget (to tell EOS from a cut)
-    assert seen["max_len_b"] + 1 == int(sample["prompt_lengths"].max()) + 4 + 1
+    # the batch decodes the longest prompt + budget (EOS is forced after that, and removed)
+    assert seen["max_len_b"] == int(sample["prompt_lengths"].max()) + 4
+    # capped at a row of --tokens-per-sample: prompt + response may fill all of it
+    sample_responses(task, torch.nn.Linear(1, 1), sample, max_new_tokens=400, max_total=64)
+    assert seen["max_len_b"] == 64
