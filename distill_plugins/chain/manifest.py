@@ -21,12 +21,35 @@ VERSION = 1
 
 
 def sha256_dir(path: str) -> str:
-    """sha256 over the names and contents of the regular files directly in ``path`` (a data-bin)."""
+    """sha256 over the relative names and contents of the regular files under ``path`` (a data-bin,
+    its --teacher-data subdirectory, a teacher cache), hidden entries (scratch directories) skipped."""
     h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            h.update(name.encode("utf-8") + b"\0" + sha256_file(full).encode("ascii") + b"\n")
+    for top, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            full = os.path.join(top, name)
+            if os.path.isfile(full):
+                rel = os.path.relpath(full, path).replace(os.sep, "/")
+                h.update(rel.encode("utf-8") + b"\0" + sha256_file(full).encode("ascii") + b"\n")
+    return h.hexdigest()
+
+
+# options of a stage naming more inputs than the chain's data directory (comma-separated paths)
+INPUT_OPTIONS = ("lm-data", "teacher-data", "teacher-cache")
+
+
+def stage_data_sha256(data_sha256: str, args: Dict) -> str:
+    """The content of what a stage reads besides checkpoints: ``data_sha256`` (the chain's data
+    directory) itself, or, for a stage with INPUT_OPTIONS, sha256 over it and each of those paths'
+    content (a missing path counts as such; fairseq-train then says what is wrong)."""
+    given = [(k, args[k]) for k in INPUT_OPTIONS if args.get(k) not in (None, False, "")]
+    if not given:
+        return data_sha256
+    h = hashlib.sha256(data_sha256.encode("ascii"))
+    for key, value in given:
+        for path in (p.strip() for p in str(value).split(",") if p.strip()):
+            sha = sha256_dir(path) if os.path.isdir(path) else sha256_file(path) if os.path.isfile(path) else "missing"
+            h.update(f"{key}\0{os.path.abspath(path)}\0{sha}\n".encode("utf-8"))
     return h.hexdigest()
 
 

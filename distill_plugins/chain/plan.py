@@ -23,7 +23,7 @@ from ..teacher import sha256_file
 from .command import fingerprint, settings_diff, stage_argv, stage_settings
 from .config import ChainConfig, StageSpec
 from .inspect import count_parameters
-from .manifest import Manifest
+from .manifest import Manifest, stage_data_sha256
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _changes(rec: dict, settings: dict, teacher_sha: List[str], init_sha: Option
     if (rec.get("init") or {}).get("sha256") != init_sha:
         out.append(f"init checkpoint changed (sha256 {short((rec.get('init') or {}).get('sha256'))} -> {short(init_sha)})")
     if rec.get("data_sha256") != data_sha:
-        out.append("the data directory's content changed")
+        out.append("the content of its data changed (the data directory, or what --lm-data, --teacher-data or "
+                   "--teacher-cache name)")
     return out or ["its fingerprint changed"]
 
 
@@ -115,9 +116,10 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
             plan = StagePlan(stage, action, [f"{who} {'are' if len(retrained) > 1 else 'is'} (re)trained"])
         else:
             settings = stage_settings(stage)
+            data_sha = stage_data_sha256(data_sha256, stage.args)
             teacher_sha = [plans[t].sha256 for t in stage.teachers]
             init_sha = sha256_file(stage.init) if stage.init else None
-            fp = fingerprint(settings, teacher_sha, init_sha, data_sha256)
+            fp = fingerprint(settings, teacher_sha, init_sha, data_sha)
             if rec is None:
                 if _has_files(save_dir):
                     plan = StagePlan(stage, "retrain", [f"{save_dir} holds files the manifest does not record"])
@@ -126,8 +128,8 @@ def make_plan(chain: ChainConfig, manifest: Manifest, data_sha256: str,
             elif rec.get("fingerprint") != fp:
                 plan = _reselection(stage, rec, settings, fingerprint(
                     dict(settings, checkpoint=rec.get("settings", {}).get("checkpoint")), teacher_sha, init_sha,
-                    data_sha256), ckpt) or StagePlan(stage, "retrain", _changes(rec, settings, teacher_sha, init_sha,
-                                                                               data_sha256))
+                    data_sha), ckpt) or StagePlan(stage, "retrain", _changes(rec, settings, teacher_sha, init_sha,
+                                                                               data_sha))
             elif rec.get("status") == "done":
                 recorded = (rec.get("checkpoint") or {}).get("sha256")
                 if not os.path.isfile(ckpt):

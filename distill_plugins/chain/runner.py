@@ -22,7 +22,7 @@ from ..errors import DistillError
 from ..teacher import sha256_file
 from .command import evaluate_executable, fairseq_train_executable, fingerprint, stage_argv, stage_settings
 from .config import ChainConfig, StageSpec, option_argv
-from .manifest import Manifest, sha256_dir
+from .manifest import Manifest, sha256_dir, stage_data_sha256
 from .plan import StagePlan, checkpoint_updates, make_plan, short
 
 
@@ -151,7 +151,8 @@ class ChainRunner:
         teacher_sha = [self.manifest.stages[t]["checkpoint"]["sha256"] for t in stage.teachers]
         init_sha = sha256_file(stage.init) if stage.init else None
         settings = stage_settings(stage)
-        return settings, teacher_sha, init_sha, fingerprint(settings, teacher_sha, init_sha, self.data_sha256)
+        return settings, teacher_sha, init_sha, fingerprint(settings, teacher_sha, init_sha,
+                                                             stage_data_sha256(self.data_sha256, stage.args))
 
     def _record_reselection(self, p: StagePlan, tag: str):
         stage, man = p.stage, self.manifest
@@ -181,7 +182,7 @@ class ChainRunner:
                          for t, s in zip(teachers, teacher_sha)],
             "init": {"path": stage.init, "sha256": init_sha} if stage.init else None,
             "data": chain.data,
-            "data_sha256": self.data_sha256,
+            "data_sha256": stage_data_sha256(self.data_sha256, stage.args),
             "parameters": p.parameters,
         })
         rec["attempts"] += 1

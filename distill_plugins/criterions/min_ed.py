@@ -6,7 +6,10 @@ time warping with the edit distance of their strings (``token_alignment.dtw_alig
 label aligned to exactly one teacher label u, where the teacher -> student vocabulary mapping
 (least edit distance, ``alignment.json`` of ``--teacher-data``) takes u to that very student label,
 is taught by the teacher's logits at u moved to the student's vocabulary: every student token gets
-the largest logit of the teacher tokens mapped to it, unmapped ones -1e5. Every other student label
+the logit of the first (lowest-id) teacher token mapped to it, unmapped ones -1e5. (The spec's "max
+logit over its mapped teacher ids" is over DSKD's ``stu2tea_id_mapping`` lists, which
+``max_align_num = 1`` cuts to their first id; a max over every mapped id, done here before session
+19, differs wherever several teacher tokens share a student token.) Every other student label
 is taught a one-hot "teacher" on itself (logit 100, -1e5 elsewhere). D = sum of
 ``forward_kl(student, that teacher, --temperature)``. ``aligned_tokens`` logs the labels taught by
 the teacher. Alignments are kept per example (they depend on its tokens only).
@@ -38,13 +41,21 @@ def teacher_rows_for_student(student_ids, teacher_ids, student_tokens, teacher_t
     return out
 
 
-def teacher_in_student_vocab(teacher_rows, teacher_to_student, student_vocab: int):
-    """[N, V_t] teacher logits -> [N, V_s]: each student token takes the largest logit of the teacher
-    tokens mapped to it (``teacher_to_student`` [V_t]); student tokens nobody maps to get -1e5."""
-    n = teacher_rows.size(0)
-    out = teacher_rows.new_full((n, student_vocab), UNMAPPED_LOGIT, dtype=torch.float32)
-    index = teacher_to_student.to(teacher_rows.device).unsqueeze(0).expand(n, -1)
-    return out.scatter_reduce(1, index, teacher_rows.float(), reduce="amax", include_self=True)
+def first_teacher_ids(teacher_to_student, student_vocab: int) -> torch.Tensor:
+    """[V_s]: the lowest teacher id that ``teacher_to_student`` [V_t] maps to each student id, -1 for
+    none (DSKD's ``stu2tea_id_mapping`` with ``max_align_num = 1``)."""
+    mapping = torch.as_tensor(teacher_to_student, dtype=torch.long)
+    first = torch.full((student_vocab,), mapping.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, mapping, torch.arange(mapping.numel()), reduce="amin", include_self=True)
+    return first.masked_fill(first == mapping.numel(), -1)
+
+
+def teacher_in_student_vocab(teacher_rows, first_teacher):
+    """[N, V_t] teacher logits -> [N, V_s] (float32): each student token takes the logit of its
+    ``first_teacher`` id ([V_s], ``first_teacher_ids``); student tokens nobody maps to get -1e5."""
+    index = first_teacher.to(teacher_rows.device)
+    out = teacher_rows.float().index_select(1, index.clamp(min=0))
+    return out.masked_fill(index.lt(0).unsqueeze(0), UNMAPPED_LOGIT)
 
 
 @register_criterion("min_ed", dataclass=TokenLevelKDConfig)
@@ -52,7 +63,7 @@ class MinEditDistanceKDCriterion(CrossTokenizerKDCriterion):
     def __init__(self, task, cfg):
         super().__init__(task, cfg)
         self.student_tokens, self.teacher_tokens, self.teacher_to_student = load_alignment(task)
-        self.mapping = torch.tensor(self.teacher_to_student, dtype=torch.long)
+        self._first_teacher = {}  # student vocabulary size (the logits') -> first_teacher_ids
         self._rows_cache = {}
 
     def teacher_rows(self, student_ids, teacher_ids):
@@ -75,5 +86,8 @@ class MinEditDistanceKDCriterion(CrossTokenizerKDCriterion):
         goal = student_logits.new_full(student_logits.shape, UNMAPPED_LOGIT, dtype=torch.float32)
         goal[torch.arange(goal.size(0), device=goal.device), labels] = ONE_HOT_LOGIT
         if taught.any():
-            goal[taught] = teacher_in_student_vocab(teacher_logits[taught], self.mapping, student_logits.size(-1))
+            vocab = student_logits.size(-1)
+            if vocab not in self._first_teacher:
+                self._first_teacher[vocab] = first_teacher_ids(self.teacher_to_student, vocab)
+            goal[taught] = teacher_in_student_vocab(teacher_logits[taught], self._first_teacher[vocab])
         return forward_kl(student_logits, goal, temperature=self.temperature)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import distill_plugins  # noqa: F401  (registers task, criterions, archs)
 from conftest import tiny_model
 from distill_plugins import divergences as D
-from distill_plugins.criterions.min_ed import teacher_in_student_vocab
+from distill_plugins.criterions.min_ed import first_teacher_ids, teacher_in_student_vocab
 from distill_plugins.criterions.uld import paired_positions
 from distill_plugins.data.paired_tokenizations import PairedTokenizationDataset
 from distill_plugins.data.prompt_response_dataset import PromptResponseDataset
@@ -122,8 +122,8 @@ def min_ed_of_example(mapping, student_words, teacher_words):
         for i, js in enumerate(aligned):
             goal = torch.full((s.size(-1),), -1e5, dtype=torch.float64)
             if len(js) == 1 and mapping[int(t_labels[js[0]])] == int(labels[i]):
-                for w in range(t.size(-1)):  # max over the teacher tokens mapped to each student token
-                    goal[mapping[w]] = max(goal[mapping[w]], t[js[0], w])
+                for w in reversed(range(t.size(-1))):  # the first (lowest-id) teacher token mapped to each
+                    goal[mapping[w]] = t[js[0], w]  # student token (DSKD: max_align_num = 1)
             else:
                 goal[labels[i]] = 100.0
             total = total + D.forward_kl(s[i], goal, temperature=temperature)
@@ -255,16 +255,20 @@ def test_paired_positions_take_the_first_labels_of_each_row():
     assert keep_t.tolist() == [True, True, True, True, False]
 
 
-def test_teacher_in_student_vocab_takes_the_max_over_mapped_tokens():
+def test_teacher_in_student_vocab_takes_the_first_mapped_token():
+    """DSKD keeps max_align_num = 1 teacher id per student id (stu2tea_id_mapping[:1]): the first."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(4, 7, generator=g)
     t[1, 2] = -math.inf
+    t[:, 5] = t[:, 4] + 3.0  # a later teacher token mapped to student 4 with a larger logit: not taken
     mapping = [0, 1, 2, 2, 4, 4, 4]  # student 3 gets nobody; 5 ids in the student's vocabulary
-    got = teacher_in_student_vocab(t, torch.tensor(mapping), 5)
+    first = first_teacher_ids(mapping, 5)
+    assert first.tolist() == [0, 1, 2, -1, 4]
+    got = teacher_in_student_vocab(t, first)
     for n in range(4):
         for v in range(5):
             mapped = [t[n, w].item() for w in range(7) if mapping[w] == v]
-            assert got[n, v].item() == pytest.approx(max(mapped + [-1e5]))
+            assert got[n, v].item() == (mapped[0] if mapped else -1e5)
 
 
 def test_cross_tokenizer_criterions_need_teacher_data_and_others_refuse_it(setup, tmp_path):
