@@ -5,9 +5,10 @@
   the valid positions, for the Gibbs kernel K = exp(-alpha * C) (the reference's ETP convention:
   alpha = 1 / epsilon, default 0.1), in the plain domain where the kernel cannot underflow and in
   the log domain elsewhere, so any alpha and cost scale is safe. Padding rows and columns get no mass.
-* ``transport_cost``: sum(P * C) per sequence with P held fixed: its gradient in C is P, the
-  envelope gradient of the entropic OT value (what POT's ``sinkhorn2`` returns), so no gradient
-  runs back through the iterations.
+* ``transport_cost``: sum(P * C) per sequence, differentiated through the Sinkhorn iterations as
+  the reference's ETP is (autograd; POT's default ``grad="autodiff"``). Before session 19 the plan
+  was held fixed, so the gradient in C was P: the envelope gradient of the entropic value
+  <P, C> - eps H(P), not of the <P, C> returned (4 % apart on small random costs; gradcheck failed).
 * ``top_logits``: each position's k largest logits, sorted (vocabulary-agnostic).
 * pairwise costs between rows of x [B, M, d] and y [B, N, d]: ``euclidean_cost``, ``kl_cost`` (from
   log-probabilities: KL(x_i || y_j) = sum p_i (log p_i - log q_j), one batched matmul, no [M, N, d]
@@ -43,15 +44,15 @@ def sinkhorn_plan(cost: Tensor, rows: Tensor, cols: Tensor, alpha: float = 0.1, 
     columns of ``cost``; a sequence without valid rows or columns gets an all-zero plan. Stops once
     every sequence's marginals are within ``tol`` (L1; checked every 10 iterations) or after
     ``max_iter`` iterations. The kernel's plain-domain iterations (two batched mat-vecs each) run
-    when alpha * (cost range) <= 50, else the log-domain ones (two logsumexps each): the same plan."""
-    cost = cost.detach()
+    when alpha * (cost range) <= 50, else the log-domain ones (two logsumexps each): the same plan.
+    Differentiable in ``cost`` through the iterations (autograd)."""
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     valid = pair_mask(rows, cols)
     cost = cost.to(dtype).masked_fill(~valid, 0.0)
     a = rows.to(dtype) / rows.sum(1, keepdim=True).clamp_min(1).to(dtype)  # [B, M], 0 at padding
     b = cols.to(dtype) / cols.sum(1, keepdim=True).clamp_min(1).to(dtype)  # [B, N]
-    low = cost.masked_fill(~valid, float("inf")).amin((1, 2), keepdim=True)
-    high = cost.masked_fill(~valid, float("-inf")).amax((1, 2), keepdim=True)
+    low = cost.detach().masked_fill(~valid, float("inf")).amin((1, 2), keepdim=True)  # a shift: the plan is
+    high = cost.detach().masked_fill(~valid, float("-inf")).amax((1, 2), keepdim=True)  # invariant to it
     spread = (high - low).masked_fill(~valid.any(2).any(1).view(-1, 1, 1), 0.0)
     if float(alpha * spread.max()) <= PLAIN_DOMAIN_RANGE:
         # padded entries are set to 0 after the exp (their exp(alpha * low) may overflow; inf * 0 is NaN)
@@ -77,12 +78,19 @@ def _sinkhorn_plain(kernel: Tensor, a: Tensor, b: Tensor, max_iter: int, tol: fl
 
 
 def _sinkhorn_log(log_k: Tensor, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, max_iter: int, tol: float) -> Tensor:
+    live = (rows.any(1) & cols.any(1)).unsqueeze(1)  # a sequence without rows or columns moves nothing
+    rows, cols = rows & live, cols & live
     log_a = torch.where(rows, a.log(), float("-inf"))
     log_b = torch.where(cols, b.log(), float("-inf"))
     f, g = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    # padded rows (columns) are filled with 0 inside the logsumexp: an all -inf row gives a NaN gradient
+    # (0 * NaN through torch.where) although its value is discarded
+    pad_rows, pad_cols = ~rows.unsqueeze(2), ~cols.unsqueeze(1)
     for it in range(max_iter):
-        f = torch.where(rows, log_a - torch.logsumexp(log_k + g.unsqueeze(1), dim=2), float("-inf"))
-        g = torch.where(cols, log_b - torch.logsumexp(log_k + f.unsqueeze(2), dim=1), float("-inf"))
+        f = torch.where(rows, log_a - torch.logsumexp((log_k + g.unsqueeze(1)).masked_fill(pad_rows, 0.0), dim=2),
+                        float("-inf"))
+        g = torch.where(cols, log_b - torch.logsumexp((log_k + f.unsqueeze(2)).masked_fill(pad_cols, 0.0), dim=1),
+                        float("-inf"))
         if tol > 0 and (it % 10 == 9 or it == max_iter - 1):
             row_mass = (torch.logsumexp(log_k + g.unsqueeze(1), dim=2) + f).exp()
             if float((row_mass - a).masked_fill(~rows, 0).abs().sum(1).max()) < tol:
@@ -91,7 +99,7 @@ def _sinkhorn_log(log_k: Tensor, a: Tensor, b: Tensor, rows: Tensor, cols: Tenso
 
 
 def transport_cost(cost: Tensor, rows: Tensor, cols: Tensor, **sinkhorn) -> Tensor:
-    """[B]: sum over i, j of P_ij C_ij with P = ``sinkhorn_plan`` (held fixed)."""
+    """[B]: sum over i, j of P_ij C_ij with P = ``sinkhorn_plan`` (differentiated through)."""
     plan = sinkhorn_plan(cost, rows, cols, **sinkhorn)
     return (plan.to(cost.dtype) * cost.masked_fill(~pair_mask(rows, cols), 0.0)).sum((1, 2))
 
