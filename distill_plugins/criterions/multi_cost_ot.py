@@ -30,8 +30,15 @@ Where this differs from the reference code, and why:
 * The reference multiplies OT_logit by its weight twice (scripts: 50 x 50); here once.
 * The costs use the response (label) positions, as every loss here; the reference also includes the
   prompt. KL(p_t || p_s) is exact from log-softmaxes (the reference adds 1e-7 to p_s).
-Defaults are the GPT-2 script's relative weights (CE 10 : KD 2.5 : OT_logit 50 : OT_hidden 10, divided
-by 12.5 so CE and KD mix to 1) and its KD temperature 3.
+* The reference adds each OT term as a mean over the batch's sequences (sum P*C with P of mass 1: an
+  average cost) to CE and KD summed over tokens, and divides the whole by the tokens: relative to a
+  per-token CE its OT weights are w / T, T the micro-batch's label tokens (2 Dolly responses: about
+  150), so they change with the batch. Here each OT term is a mean per label token like CE, which
+  keeps the balance independent of the batch.
+Defaults are the GPT-2 script's nominal relative weights (CE 10 : KD 2.5 : OT_logit 50 : OT_hidden 10,
+divided by 12.5 so CE and KD mix to 1) and its KD temperature 3. The reference's effective balance at
+its batch (per-token CE 10 : OT_logit 2500 / T : OT_hidden 10 / T, its double 50 included) is about
+``--ot-logit-weight 1.3 --ot-hidden-weight 0.005`` for T = 150.
 
 Logged: ``ot_logit`` and ``ot_hidden`` (per student label, in nats, unweighted), the current cost
 weights ``w_logit_*``/``w_hidden_*``, and ``dskd_cma``'s entries.
