@@ -62,6 +62,7 @@ from .token_level_kd import log_token_means
 
 LOGIT_COST_WEIGHTS = (0.2, 0.5, 0.3)  # euclidean, KL, salience
 HIDDEN_COST_WEIGHTS = (0.3, 0.5, 0.2)  # edit distance, context distance, context cosine
+EDIT_CACHE_SIZE = 2048  # examples whose DTW edit costs are kept (was unbounded: GBs over a Dolly epoch)
 COST_NAMES = ("logit_euclid", "logit_kl", "logit_salience", "hidden_edit", "hidden_context", "hidden_cosine")
 
 
@@ -187,6 +188,8 @@ class MultiCostOTCriterion(DualSpaceKDCrossAttentionCriterion):
     def edit_costs(self, teacher_ids: List[int], student_ids: List[int]):
         key = (tuple(teacher_ids), tuple(student_ids))
         if key not in self._edit_cache:
+            if len(self._edit_cache) >= EDIT_CACHE_SIZE:  # oldest first: a [M, N] matrix each
+                self._edit_cache.pop(next(iter(self._edit_cache)))
             self._edit_cache[key] = dtw_edit_costs([self.teacher_tokens[t] for t in teacher_ids],
                                                    [self.student_tokens[s] for s in student_ids])
         return self._edit_cache[key]

@@ -189,6 +189,8 @@ class MiniLLMTask(InstructionDistillationTask):
             loss *= 0
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
+        if device.type == "cuda":  # the backward's kernels are asynchronous
+            torch.cuda.synchronize(device)
         logging_output["rollout_time"] = rollout_time
         logging_output["train_time"] = time.time() - t0
         return loss, sample_size, logging_output

@@ -175,3 +175,17 @@ def test_mixed_precision_cast_keeps_the_weight_statistics_exact(setup, cast):  #
     assert float(crit.cost_batches) == 300.0 and float(crit.cost_sums[0]) == 23.123456789
     crit.load_state_dict(crit.state_dict())
     assert crit.cost_sums.dtype == torch.float64
+
+
+def test_edit_cost_cache_is_bounded(setup, monkeypatch):
+    """DTW edit costs are kept per example up to EDIT_CACHE_SIZE, oldest dropped first."""
+    import distill_plugins.criterions.multi_cost_ot as module
+
+    monkeypatch.setattr(module, "EDIT_CACHE_SIZE", 2)
+    criterion = build(setup[0])
+    ids = [([4, 5], [4]), ([4], [5, 6]), ([6], [4])]
+    first = criterion.edit_costs(*ids[0])
+    for t, s in ids[1:]:
+        criterion.edit_costs(t, s)
+    assert list(criterion._edit_cache) == [tuple(map(tuple, k)) for k in ids[1:]]
+    torch.testing.assert_close(criterion.edit_costs(*ids[0])[0], first[0])  # recomputed alike
