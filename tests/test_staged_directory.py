@@ -49,7 +49,19 @@ def test_sigterm_removes_scratch_and_keeps_destination(tmp_path):
     assert len(lines) == 1 and "SIGTERM" in lines[0] and str(dest) in lines[0], proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert sorted(os.listdir(dest)) == ["old"]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process untouched
+
+
+def test_the_previous_sigterm_handler_is_restored(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with staged_directory(str(tmp_path / "out"), prefix=".t-"):
+            assert signal.getsignal(signal.SIGTERM) is not mine  # unwinds the stack while staging
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_scratch_of_a_killed_process_is_removed_by_the_next_run(tmp_path):
