@@ -147,16 +147,16 @@ class ChainRunner:
         self.say(f"{tag}: pretrained checkpoint {p.stage.pretrained} (sha256 {short(p.sha256)})")
 
     def _inputs(self, stage: StageSpec):
-        """(settings, teacher sha256s as recorded, init sha256, fingerprint) of a stage now."""
+        """(settings, teacher sha256s as recorded, init sha256, fingerprint, data sha256) of a stage now."""
         teacher_sha = [self.manifest.stages[t]["checkpoint"]["sha256"] for t in stage.teachers]
         init_sha = sha256_file(stage.init) if stage.init else None
         settings = stage_settings(stage)
-        return settings, teacher_sha, init_sha, fingerprint(settings, teacher_sha, init_sha,
-                                                             stage_data_sha256(self.data_sha256, stage.args))
+        data_sha = stage_data_sha256(self.data_sha256, stage.args)  # hashes the stage's inputs: once
+        return settings, teacher_sha, init_sha, fingerprint(settings, teacher_sha, init_sha, data_sha), data_sha
 
     def _record_reselection(self, p: StagePlan, tag: str):
         stage, man = p.stage, self.manifest
-        settings, _, _, fp = self._inputs(stage)
+        settings, _, _, fp, _ = self._inputs(stage)
         man.stages[stage.name].update({
             "settings": settings, "fingerprint": fp,
             "checkpoint": {"path": man.relative(self.chain.checkpoint_path(stage)), "sha256": p.sha256}})
@@ -168,7 +168,7 @@ class ChainRunner:
         save_dir = chain.save_dir(stage)
         os.makedirs(save_dir, exist_ok=True)
         teachers = [chain.stage(t) for t in stage.teachers]
-        settings, teacher_sha, init_sha, fp = self._inputs(stage)
+        settings, teacher_sha, init_sha, fp, data_sha = self._inputs(stage)
         cmd = self.command(stage)
         rec = man.stages.get(stage.name) if p.action == "resume" else None
         rec = rec or {"attempts": 0, "wall_time_s": 0.0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -182,7 +182,7 @@ class ChainRunner:
                          for t, s in zip(teachers, teacher_sha)],
             "init": {"path": stage.init, "sha256": init_sha} if stage.init else None,
             "data": chain.data,
-            "data_sha256": stage_data_sha256(self.data_sha256, stage.args),
+            "data_sha256": data_sha,
             "parameters": p.parameters,
         })
         rec["attempts"] += 1
