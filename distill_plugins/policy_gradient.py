@@ -139,6 +139,31 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights:
     return PolicyLoss(loss, clip_fraction, ratio_mean)
 
 
+def sequence_values(x: Tensor, mask: Tensor) -> Tensor:
+    """Each row's value of ``x`` at its first response token: ``[B, T] -> [B]`` (0 for an empty response).
+
+    For the length-normalised return R (``length_normalized_returns``) this is
+    sum_t gamma^t r_t / n over the whole response, the ``reward`` MiniLLM logs (losses.py: the discounted
+    sum of r_t, divided by the response length with ``--length-norm``, which its scripts set)."""
+    m = mask.bool()
+    first = m.to(torch.int8).argmax(1, keepdim=True)
+    return x.gather(1, first).squeeze(1) * m.any(1).to(x.dtype)
+
+
+def sequence_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Per response, the mean over its tokens of the exact per-step KL(q(.|y_<t) || p(.|y_<t)):
+    ``[B, T, V], [B, T, V], [B, T] -> [B]`` (0 for an empty response).
+
+    MiniLLM logs sum_t k3_t / n on a pure-student sample, k3_t = exp(l_t) - 1 - l_t with
+    l_t = log p(y_t) - log q(y_t) (utils.get_rev_kl); the exact per-step KL is what k3_t estimates
+    (its expectation over y_t given y_<t), without the sampling noise of y_t."""
+    m = mask.bool()
+    values = reverse_kl(student_logits[m], teacher_logits[m])
+    per_token = values.new_zeros(m.shape)
+    per_token[m] = values
+    return per_token.sum(1) / m.sum(1).clamp_min(1)
+
+
 def single_step_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """L_reg = mean over response tokens of sum_v q_theta(v) (log q_theta(v) - log p(v))."""
     m = mask.bool()

@@ -8,6 +8,12 @@ response token y_t (the positions where ``target != pad``, in order):
 * ``weight``       w_t = q_old / ((1 - a) q_old + a p), the per-token importance weight of
                    teacher-mixed sampling from (1 - a) q + a p (Gu et al. 2024, section 2.2)
 
+and, for logging only, one value per rollout: ``student_rev_kl`` and ``student_len``, the
+per-response mean exact reverse KL of the student to the teacher (``sequence_reverse_kl``) and the
+response length, on a pure-student response to the same prompt. With a = 0 that is the rollout itself;
+with a > 0 MiniLLM draws a second response from the student alone for it (sampler.py), and so do we
+(``collect_rollouts``' ``student_generator``).
+
 ``RolloutStore`` replays one collection for ``ppo_epochs`` passes, each in a fresh random order,
 as minibatches; it is emptied afterwards (no replay across collections, as in MiniLLM). Its
 ``state_dict`` (the rollouts packed by ``data/example_packing.py``, the rest of the current pass, the
@@ -21,10 +27,13 @@ import torch
 
 from .data.example_packing import pack_examples, unpack_examples
 from .data.prompt_response_dataset import collate_examples
-from .policy_gradient import mixture_importance_weights, teacher_token_log_probs, token_log_probs
+from .policy_gradient import (
+    mixture_importance_weights, sequence_reverse_kl, teacher_token_log_probs, token_log_probs,
+)
 from .sampling import MixtureLM, batch_from_responses, generate_responses
 
 ROLLOUT_FIELDS = ("old_logp", "teacher_logp", "weight")
+SEQUENCE_FIELDS = ("student_rev_kl", "student_len")  # one value per rollout, for logging
 
 
 def sampler_model(student, teacher_model, alpha: float):
@@ -39,36 +48,63 @@ def sampler_model(student, teacher_model, alpha: float):
 
 @torch.no_grad()
 def score_rollouts(student, teacher, batch, alpha: float, pad: int) -> List[Dict]:
-    """Per-token log q_old, log p and w for a batch of prompt + response examples (no gradient).
+    """Per-token log q_old, log p and w for a batch of prompt + response examples (no gradient);
+    with ``alpha`` 0 (the responses are the student's own) also the ``SEQUENCE_FIELDS``.
 
     ``student`` must be in eval mode (MiniLLM trains and samples without dropout)."""
     net_input = batch["net_input"]
     target = batch["target"]
     mask = target.ne(pad)
-    old_logp = token_log_probs(student(**net_input)[0], target)
-    teacher_logp = teacher_token_log_probs(teacher.logits(net_input), target, mask)
+    student_logits, teacher_logits = student(**net_input)[0], teacher.logits(net_input)
+    old_logp = token_log_probs(student_logits, target)
+    teacher_logp = teacher_token_log_probs(teacher_logits, target, mask)
     weight = mixture_importance_weights(old_logp, teacher_logp, alpha)
     out = []
     for i in range(target.size(0)):
         row = mask[i]
         out.append({"old_logp": old_logp[i][row].float().cpu(), "teacher_logp": teacher_logp[i][row].float().cpu(),
                     "weight": weight[i][row].float().cpu()})
+    if alpha <= 0.0:
+        for ex, stats in zip(out, student_sample_stats(student_logits, teacher_logits, mask)):
+            ex.update(stats)
     return out
 
 
-def collect_rollouts(task, student, teacher, sampler, generator, prompt_sample, alpha: float,
-                     max_len: int, max_new_tokens: Optional[int] = None) -> List[Dict]:
-    """Sample one response per prompt of ``prompt_sample`` from ``sampler`` (``sampler_model``)
-    with ``generator`` (built for it) and score it; returns rollout examples (tensors on the CPU).
-    Responses are cut to ``max_new_tokens`` and prompt + response to ``max_len`` tokens."""
+def student_sample_stats(student_logits, teacher_logits, mask) -> List[Dict]:
+    """The ``SEQUENCE_FIELDS`` of each row of a batch of pure-student responses."""
+    rkl = sequence_reverse_kl(student_logits, teacher_logits, mask).tolist()
+    return [{"student_rev_kl": float(v), "student_len": float(n)} for v, n in zip(rkl, mask.sum(1).tolist())]
+
+
+def sampled_batch(task, sampler, generator, prompt_sample, max_len: int, max_new_tokens: Optional[int] = None):
+    """One response per prompt of ``prompt_sample`` sampled from ``sampler`` with ``generator``
+    (built for it), cut to ``max_new_tokens`` and prompt + response to ``max_len`` tokens, as a
+    batch on the prompts' device."""
     pad, eos = task.target_dictionary.pad(), task.target_dictionary.eos()
     responses = generate_responses(task, sampler, prompt_sample, generator=generator)
     if max_new_tokens is not None:
         responses = [r[:max_new_tokens] for r in responses]
     batch = batch_from_responses(prompt_sample, responses, pad, eos, max_len)
-    device = prompt_sample["net_input"]["src_tokens"].device
-    batch = to_device(batch, device)
+    return to_device(batch, prompt_sample["net_input"]["src_tokens"].device)
+
+
+def collect_rollouts(task, student, teacher, sampler, generator, prompt_sample, alpha: float,
+                     max_len: int, max_new_tokens: Optional[int] = None, student_generator=None) -> List[Dict]:
+    """Sample one response per prompt of ``prompt_sample`` from ``sampler`` (``sampler_model``)
+    with ``generator`` (built for it) and score it; returns rollout examples (tensors on the CPU).
+    Responses are cut to ``max_new_tokens`` and prompt + response to ``max_len`` tokens. With
+    ``alpha`` > 0 and a ``student_generator`` (built for ``student``), a second response per prompt
+    is drawn from the student alone for the ``SEQUENCE_FIELDS`` (without one they are left out)."""
+    pad = task.target_dictionary.pad()
+    batch = sampled_batch(task, sampler, generator, prompt_sample, max_len, max_new_tokens)
     scores = score_rollouts(student, teacher, batch, alpha, pad)
+    if alpha > 0.0 and student_generator is not None:
+        pure = sampled_batch(task, student, student_generator, prompt_sample, max_len, max_new_tokens)
+        with torch.no_grad():
+            mask = pure["target"].ne(pad)
+            stats = student_sample_stats(student(**pure["net_input"])[0], teacher.logits(pure["net_input"]), mask)
+        for s, st in zip(scores, stats):
+            s.update(st)
     rollouts = []
     for i, s in enumerate(scores):
         n = int(batch["target"][i].ne(pad).sum())
@@ -91,6 +127,9 @@ def rollout_batch(rollouts: List[Dict], pad: int, device=None) -> Dict:
         full = torch.zeros(mask.shape, dtype=torch.float32)
         full[mask] = torch.cat([r[name] for r in rollouts])
         fields[name] = full
+    for name in SEQUENCE_FIELDS:
+        if all(name in r for r in rollouts):
+            fields[name] = torch.tensor([float(r[name]) for r in rollouts], dtype=torch.float32)
     batch["rollout"] = fields
     return to_device(batch, device) if device is not None else batch
 
@@ -135,12 +174,18 @@ class RolloutStore:
     # -- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self, pad: int) -> dict:
         name, keys, pos, has_gauss, gauss = self.rng.get_state()
-        return {"rollouts": pack_examples(self.rollouts, pad, ROLLOUT_FIELDS), "order": [int(i) for i in self.order],
+        sequence = {name: torch.tensor([float(r[name]) for r in self.rollouts], dtype=torch.float64)
+                    for name in SEQUENCE_FIELDS if self.rollouts and all(name in r for r in self.rollouts)}
+        return {"rollouts": pack_examples(self.rollouts, pad, ROLLOUT_FIELDS), "sequence_fields": sequence,
+                "order": [int(i) for i in self.order],
                 "epochs_done": self.epochs_done, "rng": [name, [int(k) for k in keys], int(pos), int(has_gauss),
                                                           float(gauss)]}
 
     def load_state_dict(self, state: dict):
         self.rollouts = unpack_examples(state["rollouts"], ROLLOUT_FIELDS)
+        for name, values in state.get("sequence_fields", {}).items():  # absent in older checkpoints
+            for r, v in zip(self.rollouts, values.tolist()):
+                r[name] = v
         self.order, self.epochs_done = list(state["order"]), int(state["epochs_done"])
         name, keys, pos, has_gauss, gauss = state["rng"]
         self.rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -15,11 +15,17 @@ needed anyway, the Triton kernel on CUDA).
 On a plain prompt/response batch (validation) it returns the reference cross-entropy and logs the
 exact per-token reverse KL to the teacher on the reference responses.
 
-Logged (natural log units, except ``nll_loss`` in base 2 like fairseq): ``reward`` (mean r_t),
-``return`` (mean R_t before whitening), ``rev_kl`` (exact per-token reverse KL), ``pg_loss``,
-``reg_loss``, ``pt_loss``, ``lm_loss``, ``pt_kd_loss``, ``clip_frac``, ``ratio``, ``is_weight``,
-``resp_len``, and the task's ``rollout_time`` / ``train_time`` (seconds per minibatch; the
-collection time falls on the update that collected).
+Logged (natural log units, except ``nll_loss`` in base 2 like fairseq), as means over the rollouts
+of the minibatch as MiniLLM logs them (losses.py, with its scripts' ``--length-norm``): ``reward``
+(sum_t gamma^t r_t / n per rollout, i.e. R at its first response token), ``rev_kl`` (per-response
+mean exact reverse KL of the sampling student on a pure-student response to the same prompt: the
+rollout itself when --teacher-mixed-alpha is 0, else a second sample drawn for it; MiniLLM logs the
+k3 estimate of the same), ``stu_len`` (that response's length) and ``resp_len`` (the rollouts'); as
+token means: ``return`` (R_t before whitening), ``pg_loss``, ``reg_loss`` (the exact reverse KL of
+the current student on the rollouts), ``pt_loss``, ``lm_loss``, ``pt_kd_loss``, ``clip_frac``,
+``ratio``, ``is_weight``; and the task's ``rollout_time`` / ``train_time`` (seconds per minibatch;
+the collection time falls on the update that collected). On validation ``rev_kl`` is the token mean
+on the reference responses.
 """
 import math
 from dataclasses import dataclass, field
@@ -41,7 +47,7 @@ from ..errors import DistillError, check
 from ..output_projection import fusable_output
 from .token_level_kd import student_side_loss, triton_chunk_kernel
 
-RL_STATS = ("reward", "return", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "pt_kd_loss", "clip_frac", "ratio",
+RL_STATS = ("reward", "rev_kl", "stu_len", "return", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "pt_kd_loss", "clip_frac", "ratio",
             "is_weight", "resp_len", "rollout_time", "train_time")
 
 
@@ -111,13 +117,13 @@ class MiniLLMCriterion(FairseqCriterion):
         loss = policy.loss if cfg.no_single_step_reg else policy.loss + reg
         ntokens = int(mask.sum())
         m = mask.float()
+        responses = mask.any(1)
         log = {
             "minibatches": 1,
             "nsentences": target.size(0),
             "ntokens": ntokens,
             "sample_size": 1,
-            "rev_kl": float(reg.detach()) * ntokens,
-            "reward": float((rewards * m).sum() / m.sum().clamp_min(1)),
+            "reward": float(pg.sequence_values(returns, mask)[responses].mean()) if responses.any() else 0.0,
             "return": float((returns * m).sum() / m.sum().clamp_min(1)),
             "pg_loss": float(policy.loss.detach()),
             "reg_loss": float(reg.detach()),
@@ -126,6 +132,8 @@ class MiniLLMCriterion(FairseqCriterion):
             "is_weight": float((ro["weight"] * m).sum() / m.sum().clamp_min(1)),
             "resp_len": ntokens / target.size(0),
         }
+        if "student_rev_kl" in ro:  # absent with --no-student-rev-kl-sample
+            log.update(rev_kl=float(ro["student_rev_kl"].mean()), stu_len=float(ro["student_len"].mean()))
         lm = sample.get("lm")
         if lm is not None and cfg.lm_coef > 0:
             pt = self.pretraining_term(model, lm)
@@ -180,7 +188,7 @@ class MiniLLMCriterion(FairseqCriterion):
         with torch.no_grad():
             rkl = reverse_kl(logits[mask], self.task.teacher.logits(sample["net_input"])[mask]).sum()
         ntokens = int(mask.sum())
-        log = {"loss": ce.data, "nll_loss": ce.data, "rev_kl": rkl.data, "ntokens": ntokens,
+        log = {"loss": ce.data, "nll_loss": ce.data, "ref_rev_kl": rkl.data, "ntokens": ntokens,
                "ref_ntokens": ntokens, "nsentences": target.size(0), "sample_size": ntokens}
         return ce, ntokens, log
 
@@ -189,11 +197,9 @@ class MiniLLMCriterion(FairseqCriterion):
         total = lambda key: sum(float(log.get(key, 0)) for log in logging_outputs)  # noqa: E731
         sample_size = total("sample_size")
         metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
-        ntokens = total("ntokens")
-        if ntokens:
-            metrics.log_scalar("rev_kl", total("rev_kl") / ntokens, ntokens, round=4)
         ref = total("ref_ntokens")
         if ref:
+            metrics.log_scalar("rev_kl", total("ref_rev_kl") / ref, ref, round=4)
             metrics.log_scalar("nll_loss", total("nll_loss") / ref / math.log(2), ref, round=3)
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         minibatches = total("minibatches")

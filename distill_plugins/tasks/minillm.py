@@ -7,6 +7,8 @@ data-parallel workers) drawn from the training split in a seeded random order, o
 sampled from the current student mixed with the teacher, (1 - a) q + a p per token
 (``--teacher-mixed-alpha``, 0 = pure student), in chunks of ``--rollout-batch-size`` prompts, and
 scored without gradient (log q_old, log p, importance weight; ``distill_plugins/rollouts.py``).
+With a > 0 a second response per prompt is drawn from the student alone, only for the logged
+``rev_kl`` (as MiniLLM does; ``--no-student-rev-kl-sample`` skips it).
 Every ``train_step`` (each micro-batch of each fairseq update) then takes the next minibatch of the
 store, as many rollouts as the fairseq batch has prompts (``--batch-size``, MiniLLM: 16 per GPU),
 and runs forward/backward with the criterion; the fairseq batch itself only sets that size (the
@@ -62,6 +64,11 @@ class MiniLLMTaskConfig(InstructionDistillationConfig):
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each collection of rollouts"})
     teacher_mixed_alpha: float = field(
         default=0.2, metadata={"help": "sample from (1 - a) student + a teacher per token (0: student only)"}
+    )
+    no_student_rev_kl_sample: bool = field(
+        default=False, metadata={"help": "with --teacher-mixed-alpha > 0, do not draw the second, pure-student "
+                                         "response per prompt that rev_kl is logged on (MiniLLM draws it; it "
+                                         "costs one more generation per rollout); rev_kl is then not logged"}
     )
     rollout_max_len: Optional[int] = field(
         default=None, metadata={"help": "max prompt + response tokens of a rollout (default --tokens-per-sample)"}
@@ -153,6 +160,9 @@ class MiniLLMTask(InstructionDistillationTask):
         if new_tokens is not None:  # the longest prompt of a chunk + new_tokens; cut per row below
             gen_args.max_len_a, gen_args.max_len_b = 1, new_tokens
         generator = self.build_generator([sampler], gen_args)
+        student_generator = None
+        if alpha > 0 and not self.cfg.no_student_rev_kl_sample:
+            student_generator = self.build_generator([model], gen_args)
         dataset = self.datasets["train"]
         rollouts = []
         while len(rollouts) < n:
@@ -161,7 +171,8 @@ class MiniLLMTask(InstructionDistillationTask):
             idx = self._prompt_order.take(min(self.cfg.rollout_batch_size, n - len(rollouts)))
             prompts = dataset.collater([dataset[i] for i in idx])
             prompts = to_device(prompts, device)
-            rollouts += collect_rollouts(self, model, teacher, sampler, generator, prompts, alpha, max_len, new_tokens)
+            rollouts += collect_rollouts(self, model, teacher, sampler, generator, prompts, alpha, max_len, new_tokens,
+                                         student_generator)
         self.store.fill(rollouts)
         self.collections += 1
 

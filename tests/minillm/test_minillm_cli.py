@@ -79,7 +79,7 @@ def test_minillm_run_lowers_reverse_kl_on_held_out_prompts(data_bin, teacher_ckp
     proc = train(data_bin, tmp_path, *MINILLM, "--teacher-path", teacher_ckpt, "--finetune-from-model", sft_student,
                  "--lm-data", plain_lm_data, max_update=6)
     log = proc.stdout + proc.stderr
-    for stat in ("reward=", "return=", "rev_kl=", "clip_frac=", "rollout_time=", "train_time=", "pg_loss=",
+    for stat in ("reward=", "return=", "rev_kl=", "stu_len=", "clip_frac=", "rollout_time=", "train_time=", "pg_loss=",
                  "reg_loss=", "pt_loss=", "lm_loss=", "pt_kd_loss="):
         assert stat in log, stat
     # 16 rollouts, minibatches of 8, 2 PPO epochs: 4 updates per collection, the 5th collects anew
