@@ -6,15 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 
 from distill_plugins import policy_gradient as pg
 from distill_plugins.criterions.minillm import MiniLLMConfig, MiniLLMCriterion
 from distill_plugins.rollouts import RolloutStore, SEQUENCE_FIELDS, collect_rollouts, rollout_batch, sampler_model
 from distill_plugins.sampling import generation_args
-from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 from distill_plugins.teacher import Teacher
-from test_teacher_mixed_sampling import P, Q, SYMBOLS, crafted, prompts
+from test_teacher_mixed_sampling import P, Q, prompts, setup  # noqa: F401 (setup: the crafted models' fixture)
 
 ALPHA = 0.2
 KL_QP = sum(q * math.log(q / p) for q, p in zip(Q, P))  # the crafted models' per-step KL(q || p)
@@ -79,12 +77,8 @@ def test_reward_statistic_is_the_discounted_length_normalised_sum_per_rollout():
 
 
 @pytest.fixture(scope="module")
-def crafted_setup():
-    d = Dictionary()
-    for s in SYMBOLS:
-        d.add_symbol(s)
-    task = InstructionDistillationTask(InstructionDistillationConfig(data="unused"), d)
-    student, teacher_model = crafted(d, Q), crafted(d, P)
+def crafted_setup(setup):
+    task, d, student, teacher_model = setup
     return task, d, student, teacher_model, Teacher(teacher_model, path="crafted", sha256="0" * 64)
 
 
