@@ -29,6 +29,9 @@ RULES: List[Tuple[type, str, Callable[[BaseException], str]]] = [
     (Exception, "Cannot load model parameters from checkpoint",
      lambda e: f"{str(e).split(';')[0]}: --save-dir holds a checkpoint of another model; pass a fresh --save-dir "
                "(or --finetune-from-model to start from it)"),
+    (AssertionError, "Must specify batch size",
+     lambda e: "fairseq-train needs a batch size: pass --max-tokens N (tokens per batch, e.g. 4096) or "
+               "--batch-size N (sequences per batch)"),
     (OSError, "Model file not found", lambda e: f"{str(e).strip()}; check --path"),
     (RuntimeError, "Error(s) in loading state_dict", _state_dict_mismatch),
 ]

@@ -123,7 +123,13 @@ class Teacher:
                "uld, min_ed or dskd_cma with --teacher-data, README)")
         check_tokenizer_identity((state.get("task_state") or {}).get("tokenizer"), data, f"{role} {path}", fix)
         # Built by the student's task: same dictionary, and no need for the teacher's own data dir.
-        models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
+        try:
+            models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], task=task, state=state)
+        except DistillError:
+            raise
+        except Exception as e:  # an unregistered architecture, a missing or misshapen parameter
+            raise DistillError(f"{role} {path} cannot be built from its checkpoint ({brief(e)}); it needs its "
+                               f"architecture's plugins and intact weights: check {hint}") from None
         teacher = cls(models[0], path=os.path.abspath(path), sha256=sha256_file(path), dtype=dtype, device=device)
         teacher.trained_length = (state["cfg"].get("task") or {}).get("tokens_per_sample")
         n = sum(p.numel() for p in teacher.model.parameters())
@@ -143,6 +149,16 @@ class Teacher:
         n = sum(p.numel() for p in teacher.model.parameters())
         logger.info(f"{role} {path} (Hugging Face, {model.backend}): {n:,} parameters, {dtype}")
         return teacher
+
+    def check_positions(self, needed: int, source: str) -> None:
+        """Refuse a teacher with fewer positions than the ``needed`` tokens its inputs may have
+        (``source`` names the options that set that length), before it fails on the first long batch."""
+        positions = self.model.max_positions()
+        positions = positions[0] if isinstance(positions, tuple) else positions
+        if positions is not None and int(positions) < needed:
+            raise DistillError(f"teacher {self.path} has {int(positions)} positions, but sequences of up to {needed} "
+                               f"tokens reach it ({source}); pass --tokens-per-sample {int(positions)} or a teacher "
+                               "trained with more positions")
 
     def record(self) -> dict:
         return {"path": self.path, "sha256": self.sha256}

@@ -84,6 +84,7 @@ def main(argv=None):
     check(args.top_k <= vocab, f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens); use at most {vocab}")
     counts, per_split = index_examples(task, splits, args.max_tokens)
     teacher = Teacher.load(args.teacher, task, dtype=args.teacher_dtype, device=str(device), flag="--teacher")
+    teacher.check_positions(*task.teacher_input_length())
     n_rows, k = sum(counts.values()), args.top_k
     print(f"| {len(counts):,} distinct examples ({', '.join(f'{s}: {n:,}' for s, n in per_split.items())}), "
           f"{n_rows:,} label tokens; top-{k} of {vocab}, {args.cache_dtype}", flush=True)

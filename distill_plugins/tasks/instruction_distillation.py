@@ -269,6 +269,9 @@ class InstructionDistillationTask(FairseqTask):
                 Teacher.load(p, owner, dtype=self.cfg.teacher_dtype, device=self.cfg.teacher_device,
                              teacher_data=self.cfg.teacher_data) for p in paths
             ]
+            needed, source = self.teacher_input_length()
+            for t in self.teachers:
+                t.check_positions(needed, source)
             if self.cfg.teacher_sharding == "fsdp":
                 on_gpu = torch.cuda.is_available() and not self.cfg.cpu
                 for t in self.teachers:
@@ -277,6 +280,16 @@ class InstructionDistillationTask(FairseqTask):
                 for t in self.teachers:
                     t.compile()
         return self.teachers
+
+    def teacher_input_length(self):
+        """The most tokens a teacher input may have, and the options that set it: --tokens-per-sample,
+        capped by the student's positions (the batches are filtered by both) unless the teacher reads
+        its own tokenization (--teacher-data)."""
+        needed, source = int(self.cfg.tokens_per_sample), f"--tokens-per-sample {self.cfg.tokens_per_sample}"
+        student = getattr(self, "student_positions", None)
+        if student is not None and not self.cfg.teacher_data and student < needed:
+            needed, source = student, f"the student's {student} positions"
+        return needed, source
 
     def check_teacher_count(self, criterion: str):
         """A teacher given to a criterion that never reads it (fairseq's default cross_entropy, when
@@ -328,6 +341,11 @@ class InstructionDistillationTask(FairseqTask):
             raise DistillError(f"--criterion {name} projects the teacher's hidden states, which a teacher cache does "
                                "not hold (only its logits); pass --teacher-path instead of --teacher-cache")
         self.load_teachers()
+        if getattr(CRITERION_REGISTRY.get(name), "reads_teacher_hidden_states", False) and any(
+                getattr(t, "sharded", False) for t in self.teachers):
+            raise DistillError(f"--criterion {name} projects the teacher's hidden states and reads its embeddings, "
+                               "which --teacher-sharding fsdp splits over the workers; pass --teacher-sharding "
+                               "replicated or a token-level criterion (kd, skew_kl, ...)")
         criterion = super().build_criterion(cfg, from_checkpoint)
         if self.load_lm_corpus() is not None and not getattr(criterion, "trains_on_lm_batch", False):
             raise DistillError(f"--lm-data needs a criterion with an LM term (kd, skew_kl, js, ... or minillm); "
@@ -465,6 +483,8 @@ class InstructionDistillationTask(FairseqTask):
             model.record_config(cfg)
         if not from_checkpoint:  # the student being trained: its generations must fit its positions
             student_data.check_model_positions(self.cfg, model)
+            positions = model.max_positions()
+            self.student_positions = int(positions[0] if isinstance(positions, tuple) else positions)
             out = fusable_output(model)  # dual-space KD sizes its projections by it
             self.student_hidden_dim = None if out is None else out.weight.size(1)
         # not for models loaded from checkpoints (teachers, fairseq-generate, distill-evaluate)

@@ -139,6 +139,16 @@ class MiniLLMTask(InstructionDistillationTask):
             logger.info(f"resumed at collection {self.collections} with rank {saved['rank']} of {saved['world']}'s "
                         f"state; this worker starts a new collection")
 
+    def teacher_input_length(self):
+        needed, source = super().teacher_input_length()
+        rollout = self.cfg.rollout_max_len
+        if rollout is not None and rollout > self.cfg.tokens_per_sample:  # rollouts: capped by the student too
+            student = getattr(self, "student_positions", None)
+            longest = min(rollout, student) if student is not None else rollout
+            if longest > needed:
+                needed, source = longest, f"--rollout-max-len {rollout}"
+        return needed, source
+
     # -- rollouts --------------------------------------------------------------------------------
     def collect(self, model, device):
         """Fill the store with a new collection sampled from ``model`` (eval mode, no gradient)."""

@@ -92,3 +92,41 @@ def test_bad_teacher_device(device, needle, data_bin, teacher_ckpt, tmp_path):
     proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "kd", "--teacher-path", teacher_ckpt,
                        "--teacher-device", device)
     assert_one_line_error(proc, "--teacher-device", needle)
+
+
+def test_a_teacher_with_fewer_positions_is_refused_before_training(data_bin, tmp_path):
+    """Before: an IndexError traceback from the teacher's position embedding at the first long batch."""
+    from conftest import train
+
+    short = tmp_path / "short"
+    train(data_bin, short, "--criterion", "cross_entropy", "--max-target-positions", "96", "--tokens-per-sample", "96",
+          max_update=1)
+    teacher = short / "checkpoint_last.pt"
+    proc = train_fails(data_bin, tmp_path / "a", "--criterion", "kd", "--teacher-path", teacher,
+                       "--tokens-per-sample", "128")
+    assert_one_line_error(proc, "has 96 positions", "up to 128 tokens", "--tokens-per-sample 96")
+    # a student with no more positions than the teacher only ever gives it sequences that fit
+    train(data_bin, tmp_path / "b", "--criterion", "kd", "--teacher-path", teacher, "--tokens-per-sample", "128",
+          "--max-target-positions", "96", "--skip-invalid-size-inputs-valid-test", max_update=1)
+
+
+def test_a_teacher_that_cannot_be_built_is_one_line(data_bin, teacher_ckpt, tmp_path):
+    """Before: a 39-line traceback ending in KeyError for an architecture no plugin registers."""
+    import torch
+
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
+    state["cfg"]["model"]["_name"] = state["cfg"]["model"]["arch"] = "no_such_arch"
+    bad = tmp_path / "foreign.pt"
+    torch.save(state, bad)
+    proc = train_fails(data_bin, tmp_path / "ckpt", "--criterion", "kd", "--teacher-path", bad)
+    assert_one_line_error(proc, f"teacher {bad} cannot be built from its checkpoint", "--teacher-path")
+
+
+def test_a_forgotten_batch_size_is_one_line(data_bin, tmp_path):
+    from conftest import TINY_MODEL, TRAIN_COMMON, cli, run
+
+    i = TRAIN_COMMON.index("--max-tokens")
+    common = TRAIN_COMMON[:i] + TRAIN_COMMON[i + 2:]
+    proc = run([cli("fairseq-train"), data_bin, *common, *TINY_MODEL, "--criterion", "cross_entropy",
+                "--save-dir", tmp_path / "ckpt", "--max-update", "1"], check=False)
+    assert_one_line_error(proc, "needs a batch size", "--max-tokens", "--batch-size")

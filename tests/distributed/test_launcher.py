@@ -72,3 +72,19 @@ def test_failed_workers_end_with_one_line_error(data_bin, tmp_path):
     assert lines[-1].startswith("fairseq-distill: error: 2 of 2 workers failed (first: rank"), lines[-3:]
     assert sum("needs a teacher: pass --teacher-path" in line for line in lines) == 2
     assert not (tmp_path / "save").exists() or not list((tmp_path / "save").iterdir())
+
+
+def test_dual_space_kd_refuses_a_sharded_teacher(data_bin, teacher_ckpt, tmp_path):
+    """dskd reads the teacher's hidden states and output layer, which --teacher-sharding fsdp splits
+    over the workers: refused in one line on every worker (was a TypeError traceback at the first batch)."""
+    from conftest import TINY_MODEL, TRAIN_COMMON, cli, run
+    from dist_helpers import free_port
+
+    proc = run([cli("distill-launch"), "--nproc-per-node", "2", "--master-port", free_port(), "--",
+                data_bin, *TRAIN_COMMON, *TINY_MODEL, "--criterion", "dskd", "--teacher-path", teacher_ckpt,
+                "--teacher-sharding", "fsdp", "--ddp-backend", "no_c10d", "--save-dir", tmp_path / "save",
+                "--max-update", "1"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("fairseq-distill: error: 2 of 2 workers failed"), lines[-3:]
+    assert sum("--teacher-sharding replicated" in line for line in lines) == 2, proc.stderr[-3000:]
