@@ -191,6 +191,21 @@ def check_args(args):
     return settings
 
 
+GENERATION_OPTIONS = ("seeds", "top_k", "top_p", "temperature", "no_repeat_ngram_size", "max_prompt_tokens",
+                      "max_length", "batch_size", "max_tokens", "dtype", "responses")
+
+
+def check_generation_options(args):
+    """Generation files are scored as they are: the options that sample responses from a checkpoint
+    would be ignored, so they are refused."""
+    defaults = get_parser().parse_args([*args.paths, "--data", args.data])
+    changed = [name for name in GENERATION_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise DistillError(f"{flags} apply only when evaluating checkpoints; generation files are scored as they "
+                           "are (one file per seed): drop " + ("it" if len(changed) == 1 else "them"))
+
+
 def check_values(args):
     """The option values alone (no file is read): also what distill-chain checks before any stage."""
     if not args.seeds:
@@ -210,10 +225,12 @@ def main(argv=None):
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's task imports configure DEBUG logging
     settings = check_args(args)
     md_path = args.md or (os.path.splitext(args.json)[0] + ".md" if args.json else None)
-    check_outputs([args.json, md_path, args.responses], args.overwrite)
     kind, paths = resolve_paths(args.paths)
-    tokenizer = load_tokenizer(args.data)
     eval_files = args.eval_files or [os.path.join(args.data, f"{args.split}.jsonl")]
+    if kind == "generations":
+        check_generation_options(args)
+    check_outputs([args.json, md_path, args.responses], args.overwrite, inputs=[*paths, *eval_files])
+    tokenizer = load_tokenizer(args.data)
     labels = eval_set_labels(eval_files)
     rows_of = [read_instruction_jsonl(p) for p in eval_files]  # validate every file before any work
 
@@ -268,11 +285,14 @@ def main(argv=None):
     for label in labels:
         scored = [(f["rouge_l"], r["name"]) for r in runs for f in r["files"] if f["name"] == label]
         best[label] = max(scored)[1]
+    protocol = {"metric": "Rouge-L F x 100 (rouge-score, stemming), max over references",
+                "std": "population std over seeds"}
+    if kind == "checkpoints":  # generation files were sampled elsewhere, with settings not known here
+        protocol = {**settings.to_dict(), "sampling": True, "max_prompt_tokens": args.max_prompt_tokens,
+                    "seeds": args.seeds, **protocol}
     result = {
         "tool": "distill-evaluate",
-        "protocol": {**settings.to_dict(), "sampling": True, "max_prompt_tokens": args.max_prompt_tokens,
-                     "seeds": args.seeds, "metric": "Rouge-L F x 100 (rouge-score, stemming), max over references",
-                     "std": "population std over seeds"},
+        "protocol": protocol,
         "data": os.path.abspath(args.data),
         "runs": runs,
         "best": best,

@@ -25,8 +25,8 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="label of this run in the result")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
-    check_outputs([args.json], args.overwrite, inputs=args.generations)
     reference = os.path.join(args.data, f"{args.split}.jsonl")
+    check_outputs([args.json], args.overwrite, inputs=[*args.generations, reference])
     rows = read_instruction_jsonl(reference)
     tokenizer = load_tokenizer(args.data)
     scores = score_generation_files(

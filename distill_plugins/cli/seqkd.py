@@ -47,7 +47,7 @@ def get_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--teacher-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--keep-jsonl", help="also write the generated jsonl here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir (and --keep-jsonl file)")
     return p
 
 
@@ -62,9 +62,10 @@ def prepare_limits(data: str) -> list:
             str(report["max_total_tokens"]), "--long-prompts", report["long_prompts"]]
 
 
-def check_keep_jsonl(path, data, dest):
-    """--keep-jsonl as an absolute path, checked before any generation: its directory exists and it
-    is neither a directory nor a file of --data or --destdir (those are inputs or replaced)."""
+def check_keep_jsonl(path, data, dest, teacher, overwrite: bool):
+    """--keep-jsonl as an absolute path, checked before any generation: its directory exists, it is
+    neither a directory nor a file of --data or --destdir (those are inputs or replaced) nor the
+    --teacher checkpoint, and an existing file is replaced only with --overwrite."""
     if not path:
         return None
     path = os.path.abspath(path)
@@ -73,6 +74,9 @@ def check_keep_jsonl(path, data, dest):
     check(not os.path.isdir(path), f"--keep-jsonl {path} is a directory; pass a file name (e.g. DIR/seqkd.jsonl)")
     for flag, top in (("--data", data), ("--destdir", dest)):
         check(not is_within(path, top), f"--keep-jsonl {path} is inside {flag} {top}; pick a path outside it")
+    if os.path.exists(path) and os.path.exists(teacher) and os.path.samefile(path, teacher):
+        raise DistillError(f"--keep-jsonl {path} is the --teacher checkpoint; pick another path")
+    check(overwrite or not os.path.exists(path), f"--keep-jsonl {path} already exists; pass --overwrite to replace it")
     return path
 
 
@@ -109,10 +113,13 @@ def main(argv=None):
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dest = check_output_dir(args.destdir, "--destdir", "seqkd.json", args.overwrite,
                             [("--data", args.data), ("--teacher", args.teacher)])
-    keep = check_keep_jsonl(args.keep_jsonl, args.data, dest)
-    for name in (f"{args.split}.jsonl", "spm.model"):
-        check(os.path.isfile(os.path.join(args.data, name)),
-              f"{args.data} has no {name}; pass a data directory made by distill-prepare")
+    keep = check_keep_jsonl(args.keep_jsonl, args.data, dest, args.teacher, args.overwrite)
+    check(os.path.isfile(os.path.join(args.data, f"{args.split}.jsonl")),
+          f"{args.data} has no {args.split}.jsonl; pass a data directory made by distill-prepare")
+    check(os.path.isfile(os.path.join(args.data, "spm.model")),
+          f"{args.data} has no spm.model: distill-seqkd decodes the teacher's responses with the data's "
+          "SentencePiece model, so it needs data made by distill-prepare with --tokenizer spm (the default), "
+          "not --tokenizer hf")
     device = resolve_device(args.device)
     rows = read_instruction_jsonl(os.path.join(args.data, f"{args.split}.jsonl"))
     tokenizer = load_tokenizer(args.data)
@@ -159,6 +166,7 @@ def main(argv=None):
         if keep:  # whole or not at all, like the data-bin
             with open(jsonl, encoding="utf-8") as src:
                 write_atomic(keep, lambda f: shutil.copyfileobj(src, f))
+    print(f"| seqkd data in {dest}" + (f", responses also in {keep}" if keep else ""), flush=True)
 
 
 if __name__ == "__main__":

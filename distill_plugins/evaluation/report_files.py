@@ -44,9 +44,15 @@ def write_json_atomic(path: str, obj):
 
 
 def check_outputs(paths: Iterable[Optional[str]], overwrite: bool, inputs: Iterable[str] = ()):
-    """Refuse output files that exist (unless ``overwrite``), are directories or are inputs, before any work."""
+    """Refuse output files that exist (unless ``overwrite``), are directories or inputs, or are given
+    twice, before any work."""
     inputs = {os.path.realpath(p) for p in inputs}
+    seen = {}
     for path in filter(None, paths):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DistillError(f"outputs {seen[real]} and {path} are the same file; give each its own path")
+        seen[real] = path
         if os.path.isdir(path):
             raise DistillError(f"output {path} is a directory; pass a file path")
         if os.path.realpath(path) in inputs:

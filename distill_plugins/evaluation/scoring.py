@@ -6,6 +6,7 @@ first end-of-text marker and stripped (``clean_response``), then scored with ``r
 maximum Rouge-L F-measure x 100 over the row's references, averaged over examples. Over seeds we
 report the mean and the population standard deviation (``numpy.std``, as ABKD's tables).
 """
+import os
 import statistics
 from typing import Dict, List, Sequence, Tuple
 
@@ -51,6 +52,10 @@ def score_generation_files(paths: Sequence[str], rows: List[Dict], tokenizer, re
     """Rouge-L of each fairseq-generate output file (H- lines; one file per seed) against ``rows``.
     Every file is read and checked to cover ``rows`` exactly before any is scored, so seeds are
     averaged over the same examples; ``reference`` and ``fix`` word the error."""
+    real = [os.path.realpath(p) for p in paths]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            raise DistillError(f"generation file {paths[i]} is given twice; pass one file per seed")
     hyps = [read_hypotheses(path) for path in paths]
     for path, h in zip(paths, hyps):
         check_coverage(path, h, len(rows), reference, fix)

@@ -67,3 +67,47 @@ def test_help_names_each_default_once():
     assert "evaluation jsonl files (default: the data directory's {--split}.jsonl)" in text
     assert "0: off (default: 0)" in text and "(default: [10, 20, 30, 40, 50])" in text
     assert "--overwrite replace existing --json/--md/--responses files" in text
+
+
+def test_outputs_never_replace_inputs_or_each_other(data_bin, teacher_ckpt, tmp_path):
+    """Before: --overwrite let --json/--responses replace the checkpoint or an --eval-files file, two outputs
+    on one path clobbered each other, and options for sampling were recorded for generation files."""
+    import shutil
+
+    from distill_plugins.cli import compare, score
+    from test_score_generation_checks import one_line_error
+
+    gen = write_generation(tmp_path / "gen.txt", data_bin)
+    ckpt = shutil.copy(teacher_ckpt, tmp_path / "t.pt")
+    ev = shutil.copy(os.path.join(data_bin, "test.jsonl"), tmp_path / "ev.jsonl")
+    before = {p: open(p, "rb").read() for p in (gen, ckpt, ev)}
+    cases = [
+        ([ckpt, "--data", data_bin, "--json", ckpt, "--overwrite", "--cpu"], ("also an input",)),
+        ([ckpt, "--data", data_bin, "--eval-files", ev, "--responses", ev, "--overwrite", "--cpu"], ("also an input",)),
+        ([gen, "--data", data_bin, "--json", gen, "--overwrite"], ("also an input",)),
+        ([gen, "--data", data_bin, "--json", str(tmp_path / "e.json"), "--md", str(tmp_path / "e.json")],
+         ("are the same file",)),
+        ([gen, "--data", data_bin, "--responses", str(tmp_path / "r.jsonl"), "--top-k", "5"],
+         ("--top-k, --responses apply only when evaluating checkpoints",)),
+        ([gen, gen, "--data", data_bin], ("given twice",)),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(a) for a in argv])
+        one_line_error(e, *words)
+    with pytest.raises(SystemExit) as e:
+        score.main([data_bin, gen, gen])
+    one_line_error(e, "given twice")
+    with pytest.raises(SystemExit) as e:
+        score.main([data_bin, gen, "--split", "test", "--json", os.path.join(data_bin, "test.jsonl"), "--overwrite"])
+    one_line_error(e, "also an input")
+    res = tmp_path / "s.json"
+    score.main([data_bin, gen, "--json", str(res)])
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(res), "--md", str(tmp_path / "c.md"), "--json", str(tmp_path / "c.md")])
+    one_line_error(e, "are the same file")
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["ev.jsonl", "gen.txt", "s.json", "t.pt"]
+    # generation files record only how they were scored, not sampling settings never applied to them
+    evaluate.main([gen, "--data", data_bin, "--json", str(tmp_path / "g.json")])
+    assert set(json.load(open(tmp_path / "g.json"))["protocol"]) == {"metric", "std"}

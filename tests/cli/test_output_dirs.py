@@ -223,6 +223,15 @@ def test_seqkd_keep_jsonl_and_overwrite_of_its_own_output(data_bin, data_copy, t
         assert "seqkd.json" in listing(dest) and "prepare_report.json" in listing(dest)
         assert open(keep).read() == open(dest / "train.jsonl").read()
     assert sorted(os.listdir(tmp_path)) == ["bin", "k.jsonl", "prepared", "seqkd"]  # no scratch left behind
+    # an existing --keep-jsonl file is replaced only with --overwrite, and never the teacher (was: overwritten)
+    kept = open(keep).read()
+    assert_one_line_error(seqkd(data_bin, teacher_ckpt, tmp_path / "s2", "--keep-jsonl", keep),
+                          f"--keep-jsonl {keep} already exists; pass --overwrite")
+    teacher_copy = shutil.copy(teacher_ckpt, tmp_path / "t.pt")
+    blob = open(teacher_copy, "rb").read()
+    assert_one_line_error(seqkd(data_bin, teacher_copy, tmp_path / "s2", "--keep-jsonl", teacher_copy, "--overwrite"),
+                          "is the --teacher checkpoint")
+    assert open(keep).read() == kept and open(teacher_copy, "rb").read() == blob and not (tmp_path / "s2").exists()
 
 
 def test_cache_max_tokens_below_the_longest_example(data_bin, teacher_ckpt, tmp_path):
