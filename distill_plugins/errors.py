@@ -22,6 +22,12 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.split('. ')[0].rstrip('.')}" if text else type(exc).__name__
 
 
+def not_utf8(what: str) -> "DistillError":
+    """The one-line error for a text input (``what``: the flag and path, say) that does not decode as UTF-8."""
+    return DistillError(f"{what} is not UTF-8 text; pass a UTF-8 text file (convert one in another encoding "
+                        "with iconv -t utf-8)")
+
+
 def check(condition: bool, message: str):
     if not condition:
         raise DistillError(message)

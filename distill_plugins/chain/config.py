@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ..errors import DistillError, check
+from ..errors import DistillError, check, not_utf8
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages", "evaluate")
@@ -185,8 +185,10 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
     if not os.path.isfile(path):
         raise DistillError(f"chain file {path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)  # JSON is YAML too
+    except UnicodeDecodeError:
+        raise not_utf8(f"chain file {path}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

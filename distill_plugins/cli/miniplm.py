@@ -30,7 +30,7 @@ import torch
 
 from ..devices import resolve_device
 from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, kept_count, select_top
-from ..errors import DistillError, check
+from ..errors import DistillError, check, not_utf8
 from ..staged_directory import check_output_dir, staged_directory
 from ..teacher import Teacher, dictionary_fingerprint
 
@@ -87,8 +87,11 @@ def load_corpus(corpus: str, split: str, dictionary):
 
 def text_documents(text_file: str):
     """The documents of a prepare_lm text file: its non-empty lines, stripped, streamed."""
-    with open(text_file, encoding="utf-8") as f:
-        yield from (line.strip() for line in f if line.strip())
+    try:
+        with open(text_file, encoding="utf-8") as f:
+            yield from (line.strip() for line in f if line.strip())
+    except UnicodeDecodeError:
+        raise not_utf8(f"--text {text_file}") from None
 
 
 def check_text(text_file: str, expected: int):

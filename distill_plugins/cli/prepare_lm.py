@@ -18,7 +18,7 @@ import shutil
 from fairseq.data import Dictionary, indexed_dataset
 
 from ..data.tokenizers import load_tokenizer
-from ..errors import DistillError
+from ..errors import DistillError, not_utf8
 from ..staged_directory import check_output_dir, staged_directory
 
 MARKER = "prepare_lm.json"  # what was binarized from what: marks the directory as this tool's output
@@ -28,14 +28,17 @@ def binarize_text(text_file: str, tok, dictionary: Dictionary, prefix: str, flag
     """One document per non-empty line of ``text_file`` -> ``prefix.{bin,idx}``; (documents, tokens, unk)."""
     builder = indexed_dataset.make_builder(prefix + ".bin", impl="mmap", vocab_size=len(dictionary))
     n, ntok, nunk = 0, 0, 0
-    with open(text_file, encoding="utf-8") as fin:
-        for line in fin:
-            if not line.strip():
-                continue
-            ids = dictionary.encode_line(" ".join(tok.encode(line.strip())), add_if_not_exist=False,
-                                         append_eos=True).long()
-            builder.add_item(ids)
-            n, ntok, nunk = n + 1, ntok + len(ids), nunk + int((ids == dictionary.unk()).sum())
+    try:
+        with open(text_file, encoding="utf-8") as fin:
+            for line in fin:
+                if not line.strip():
+                    continue
+                ids = dictionary.encode_line(" ".join(tok.encode(line.strip())), add_if_not_exist=False,
+                                             append_eos=True).long()
+                builder.add_item(ids)
+                n, ntok, nunk = n + 1, ntok + len(ids), nunk + int((ids == dictionary.unk()).sum())
+    except UnicodeDecodeError:
+        raise not_utf8(f"{flag} {text_file}") from None
     if n == 0:
         raise DistillError(f"{flag} {text_file} has no non-empty line")
     builder.finalize(prefix + ".idx")

@@ -7,7 +7,7 @@ which then wins over ``instruction``/``input``).
 import json
 from typing import Dict, List
 
-from ..errors import DistillError
+from ..errors import DistillError, not_utf8
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
@@ -39,10 +39,16 @@ def references(row: Dict) -> List[str]:
 def read_instruction_jsonl(path: str, require_output: bool = True) -> List[Dict]:
     """Read and validate a jsonl file; every problem is a one-line ``DistillError`` naming the line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise DistillError(f"cannot read {path}: {e.strerror}") from None
+    lines = []
+    for lineno, line in enumerate(raw.splitlines(keepends=True), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise not_utf8(f"{path}:{lineno}") from None
     rows = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

@@ -1,7 +1,7 @@
 """Read the hypotheses of a ``fairseq-generate`` output file."""
 from typing import Dict, List
 
-from ..errors import DistillError
+from ..errors import DistillError, not_utf8
 
 
 def read_hypotheses(path: str) -> Dict[int, List[str]]:
@@ -20,6 +20,8 @@ def read_hypotheses(path: str) -> Dict[int, List[str]]:
                 hyps.setdefault(int(fields[0][2:]), fields[2].split())
     except OSError as e:
         raise DistillError(f"cannot read generation file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise not_utf8(f"generation file {path}") from None
     if not hyps:
         raise DistillError(f"{path} has no H- lines; is it fairseq-generate output?")
     return hyps

@@ -19,6 +19,9 @@ def load_runs(path: str, name: Optional[str] = None) -> List[Dict]:
         raise DistillError(f"cannot read results {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise DistillError(f"{path} is not a results JSON ({e.msg}); pass files written by distill-evaluate --json") from None
+    except UnicodeDecodeError:
+        raise DistillError(f"{path} is not a results JSON (not UTF-8 text); pass files written by distill-evaluate "
+                           "--json") from None
     if isinstance(result, dict) and isinstance(result.get("runs"), list) and result["runs"]:
         runs = [dict(r) for r in result["runs"]]
     elif isinstance(result, dict) and "rouge_l" in result and "split" in result:  # distill-score

@@ -175,3 +175,30 @@ def test_bad_rows_in_process(row, needle, tmp_path):
     with pytest.raises(DistillError) as e:
         read_instruction_jsonl(str(path))
     assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_text_inputs_that_are_not_utf8(data_bin, tmp_path):
+    """Before: a UnicodeDecodeError traceback from every reader of text input."""
+    from distill_plugins.chain.config import load_chain
+    from distill_plugins.cli import evaluate, miniplm, prepare_lm, score
+
+    binary = tmp_path / "rnd.bin"
+    binary.write_bytes(b"\x00\xff\xfe\x81 not text \xc3\x28\n" * 4)
+    mixed = tmp_path / "train.jsonl"
+    mixed.write_bytes((json.dumps(GOOD) + "\n").encode() + b"\xff\xfe{}\n")
+    proc = run([cli("distill-prepare"), "--train", mixed, "--destdir", tmp_path / "out" / "bin"], check=False)
+    assert_one_line_error(proc, f"{mixed}:2 is not UTF-8 text", "iconv")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    calls = [
+        (lambda: score.main([data_bin, str(binary)]), f"generation file {binary} is not UTF-8"),
+        (lambda: evaluate.main([str(binary), "--data", data_bin]), f"generation file {binary} is not UTF-8"),
+        (lambda: prepare_lm.main(["--data", data_bin, "--train", str(binary), "--destdir", str(tmp_path / "lm")]),
+         f"--train {binary} is not UTF-8"),
+        (lambda: load_chain(str(binary)), f"chain file {binary} is not UTF-8"),
+        (lambda: miniplm.check_text(str(binary), 4), f"--text {binary} is not UTF-8"),
+    ]
+    for call, needle in calls:
+        with pytest.raises(DistillError) as e:
+            call()
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "lm").exists()
