@@ -94,11 +94,10 @@ def torchrun_command(opts, train_args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        raise DistillError("put the fairseq-train arguments after '--', e.g. distill-launch --nproc-per-node 2 -- data-bin ...")
-    split = argv.index("--")
+    split = argv.index("--") if "--" in argv else len(argv)
     mine, train_args = argv[:split], argv[split + 1:]
-    p = argparse.ArgumentParser(prog="distill-launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="distill-launch", description=__doc__.split("\n\n")[0],
+                                usage="distill-launch [options] -- <fairseq-train arguments>")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="workers on this node (default: its GPU count, 1 on CPU)")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
@@ -107,10 +106,14 @@ def main(argv=None):
                    help="host name or IP of node 0, reachable from every node (default 127.0.0.1 on one node)")
     p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
-    opts = p.parse_args(mine)
+    if split == len(argv) and not {"-h", "--help"} & set(argv):
+        raise DistillError("put the fairseq-train arguments after '--', e.g. distill-launch --nproc-per-node 2 -- data-bin ...")
+    opts = p.parse_args(mine)  # --help exits here
     if not train_args:
         raise DistillError("no fairseq-train arguments after '--'")
-    if opts.nnodes < 1 or not 0 <= opts.node_rank < opts.nnodes:
+    if opts.nnodes < 1:
+        raise DistillError(f"--nnodes must be >= 1, got {opts.nnodes}")
+    if not 0 <= opts.node_rank < opts.nnodes:
         raise DistillError(f"--node-rank must be in [0, {opts.nnodes - 1}] for --nnodes {opts.nnodes}, got {opts.node_rank}")
     if opts.master_addr is None:
         if opts.nnodes > 1:

@@ -51,6 +51,7 @@ def test_worker_states_rank_world_size_and_device():
     (["--nproc-per-node", "2", "--", *TRAIN, "--cpu", "--distributed-backend", "nccl"], "nccl needs GPUs"),
     (["--nnodes", "2", "--", *TRAIN], "needs --master-addr"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--", *TRAIN], "--node-rank must be in [0, 1]"),
+    (["--nnodes", "0", "--", *TRAIN], "--nnodes must be >= 1, got 0"),  # was blamed on --node-rank
 ])
 def test_bad_input_is_one_line_error(args, message):
     with pytest.raises(DistillError) as e:
@@ -88,3 +89,13 @@ def test_dual_space_kd_refuses_a_sharded_teacher(data_bin, teacher_ckpt, tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("fairseq-distill: error: 2 of 2 workers failed"), lines[-3:]
     assert sum("--teacher-sharding replicated" in line for line in lines) == 2, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_needs_no_separator(flag, capsys):
+    """Before: distill-launch --help asked for the '--' separator instead of printing the help."""
+    with pytest.raises(SystemExit) as e:
+        main([flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: distill-launch [options] -- <fairseq-train arguments>" in out and "--nproc-per-node" in out
