@@ -12,7 +12,6 @@ from the student; then, over the sampled response tokens,
 Both are in nats; several ``--seeds`` are averaged.
 """
 import argparse
-import json
 import os
 from typing import Dict, Sequence
 
@@ -20,9 +19,10 @@ import torch
 from fairseq import checkpoint_utils, utils
 
 from ..divergences import reverse_kl
-from ..errors import DistillError
+from ..errors import DistillError, check
 from ..policy_gradient import token_log_probs
 from ..rollouts import to_device
+from .report_files import check_outputs, write_json_atomic
 from ..sampling import batch_from_responses, generate_responses, generation_args
 from ..tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
 
@@ -75,18 +75,25 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is there")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DistillError(f"--seeds {args.seeds!r}: pass comma-separated integers, e.g. 1,2,3") from None
+    check(bool(seeds) and len(set(seeds)) == len(seeds), f"--seeds {args.seeds!r}: give distinct seeds, e.g. 1,2,3")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(args.max_len >= 2, f"--max-len must be >= 2 (a prompt token and a response token), got {args.max_len}")
+    check_outputs([args.json], args.overwrite, inputs=[args.student, args.teacher])
     task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=args.data))
     task.load_dataset(args.split)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     student, teacher = load_frozen(args.student, task).to(device), load_frozen(args.teacher, task).to(device)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     result = sampled_reverse_kl(task, student, teacher, args.split, seeds, args.max_len, args.batch_size)
     print(f"| {args.split}: token reverse KL {result['token_rkl']:.4f} nats, sequence reverse KL "
           f"{result['seq_rkl']:.4f} nats ({result['responses']} responses, {result['tokens']} tokens)", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ $PY -m fairseq_cli.train "$W/data" --user-dir distill_plugins --task minillm --c
   2>&1 | tee "$OUT/minillm_train.log" | show
 for m in student_sft/checkpoint_best.pt student_minillm/checkpoint_last.pt; do
   $PY -m distill_plugins.evaluation.reverse_kl "$W/data" --split test --student "$W/$m" \
-    --teacher "$W/teacher/checkpoint_best.pt" --seeds 10,20 --json "$OUT/$(dirname $m)_reverse_kl.json" 2>&1 | grep "^|"
+    --teacher "$W/teacher/checkpoint_best.pt" --seeds 10,20 --json "$OUT/$(dirname $m)_reverse_kl.json" --overwrite 2>&1 | grep "^|"
 done
 # Rouge-L on the test prompts, the MiniLLM/DistiLLM protocol on the GPU (distill-evaluate's CUDA path), 2 seeds
 $PY -m distill_plugins.cli.evaluate "$W/teacher/checkpoint_best.pt" "$W/student_sft/checkpoint_best.pt" \

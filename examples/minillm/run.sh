@@ -48,7 +48,7 @@ step "6/6 evaluate on the 100 test prompts: reverse KL to the teacher, Rouge-L (
 declare -A CKPT=([student_sft]=checkpoint_best.pt [student_minillm]=checkpoint_last.pt)
 for model in student_sft student_minillm; do
   python -m distill_plugins.evaluation.reverse_kl "$DATA" --split test --student "$CK/$model/${CKPT[$model]}" \
-    --teacher "$TEACHER" --seeds "${SEEDS// /,}" --json "$OUT/${model}_reverse_kl.json" 2>&1 | grep "^|"
+    --teacher "$TEACHER" --seeds "${SEEDS// /,}" --json "$OUT/${model}_reverse_kl.json" --overwrite 2>&1 | grep "^|"
   rouge "$model" "$CK/$model/${CKPT[$model]}"
 done
 step "done: results in $OUT"

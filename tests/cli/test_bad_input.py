@@ -202,3 +202,22 @@ def test_text_inputs_that_are_not_utf8(data_bin, tmp_path):
             call()
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert not (tmp_path / "lm").exists()
+
+
+def test_reverse_kl_options(data_bin, teacher_ckpt, tmp_path):
+    """Before: a ValueError traceback for --seeds 1,x or --batch-size 0, and --json replaced any file."""
+    from distill_plugins.evaluation import reverse_kl
+
+    common = [data_bin, "--student", teacher_ckpt, "--teacher", teacher_ckpt]
+    existing = tmp_path / "r.json"
+    existing.write_text("keep")
+    for extra, needle in ((["--seeds", "1,x"], "--seeds '1,x': pass comma-separated integers"),
+                          (["--seeds", "1,1"], "give distinct seeds"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["--max-len", "1"], "--max-len must be >= 2"),
+                          (["--json", str(existing)], "already exists; pass --overwrite"),
+                          (["--json", teacher_ckpt, "--overwrite"], "also an input")):
+        with pytest.raises(DistillError) as e:
+            reverse_kl.main([*common, *extra])
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert existing.read_text() == "keep"
