@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..errors import DistillError, check, not_utf8
+from ..staged_directory import is_within
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("name", "data", "output_dir", "defaults", "stages", "evaluate")
@@ -254,8 +255,11 @@ def load_chain(path: str, output_dir: Optional[str] = None) -> ChainConfig:
     out = os.path.abspath(output_dir) if output_dir else (
         _resolve(base, raw["output_dir"]) if raw.get("output_dir") else os.path.abspath(os.path.join("checkpoints", name))
     )
+    check(not is_within(out, data), f"output directory {out} is inside the data directory {data}: the stages' "
+                                    "checkpoints would change the data's fingerprint and retrain every stage on every "
+                                    "run; pass an --output-dir outside it")
     chain = ChainConfig(name, os.path.abspath(path), data, out, training_order(stages),
-                        _evaluate_options(raw.get("evaluate")))
+                        _evaluate_options(raw.get("evaluate"), base, data))
     from .stage_options import check_stage_options
 
     check_stage_options(chain)
@@ -273,8 +277,9 @@ def _pretrained_stage(rs: dict, name: str, base: str) -> StageSpec:
     return StageSpec(name, arch_of_checkpoint(path)["arch"], {}, pretrained=path)
 
 
-def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
-    """``evaluate:`` -> distill-evaluate options (checked by its own parser), or None when off."""
+def _evaluate_options(raw: Any, base: str, data: str) -> Optional[Dict[str, Any]]:
+    """``evaluate:`` -> distill-evaluate options (checked by its own parser), or None when off;
+    ``eval-files`` relative to the chain file's directory ``base``, and every file it reads present."""
     if raw is None or raw is False:
         return None
     options = {} if raw is True else raw
@@ -293,6 +298,14 @@ def _evaluate_options(raw: Any) -> Optional[Dict[str, Any]]:
         check_values(parsed[0])  # values too (--top-p 2), not only names and types: before any stage trains
     except DistillError as e:
         raise DistillError(f"evaluate: distill-evaluate rejects the options: {e.message}") from None
+    if parsed[0].eval_files:
+        out["eval-files"] = [_resolve(base, f) for f in parsed[0].eval_files]
+        files = out["eval-files"]
+    else:
+        files = [os.path.join(data, f"{parsed[0].split}.jsonl")]
+    for f in files:
+        check(os.path.isfile(f), f"evaluate: {f} does not exist; eval-files are relative to the chain file, "
+                                 "and without them the data directory's <split>.jsonl is read")
     return out
 
 

@@ -2,8 +2,8 @@
 
 The exact command line a stage will run is parsed by fairseq-train's own parser (option names,
 types and choices; architecture and task options included), its task is set up (the task's option
-checks; only the dictionary is read) and its criterion's ``check_options`` runs (value ranges,
-multi-teacher weights). Nothing is trained or loaded: a teacher that an earlier stage has yet to
+checks and the number of teachers its criterion takes; only the dictionary is read) and its
+criterion's ``check_options`` runs (value ranges, multi-teacher weights). Nothing is trained or loaded: a teacher that an earlier stage has yet to
 train need not exist.
 """
 import logging
@@ -45,7 +45,9 @@ def check_stage(chain: ChainConfig, s: StageSpec):
         raise DistillError(f"stage {s.name!r}: fairseq-train rejects its options: {error}")
     try:
         cfg = convert_namespace_to_omegaconf(parsed["args"])
-        tasks.setup_task(cfg.task)
+        task = tasks.setup_task(cfg.task)
+        if hasattr(task, "check_teacher_count"):  # a teacher the criterion ignores, or too many
+            task.check_teacher_count(s.criterion)
         if hasattr(criterion, "check_options"):
             criterion.check_options(cfg.criterion, len(s.teachers))
     except DistillError as e:

@@ -244,6 +244,11 @@ def test_unknown_criterion_is_an_error(data_bin, tmp_path):
     (lambda c: c["stages"][2]["args"].update({"temperature": 0}), "stage 'student': --temperature must be > 0, got 0.0"),
     (lambda c: c["stages"][1]["args"].update({"student-data-mode": "mixed", "student-data-lambda": 2}),
      "stage 'assistant': --student-data-lambda must be in [0, 1]"),
+    # the teachers a stage's criterion takes (were found only after the earlier stages had trained)
+    (lambda c: c["stages"][1]["args"].update({"criterion": "cross_entropy"}),
+     "stage 'assistant': --criterion cross_entropy does not use a teacher"),
+    (lambda c: c["stages"][2].update({"args": {"criterion": "kd", "decoder-embed-dim": 32}}),
+     "stage 'student': --criterion kd takes one teacher, --teacher-path gives 2"),
 ])
 def test_other_bad_chain_files(data_bin, tmp_path, edit, message):
     chain = chain_dict(data_bin)
@@ -300,3 +305,14 @@ def test_plan_for_started_stages(finished_chain, tmp_path, capsys):
     plan = capsys.readouterr().out
     assert "assistant  retrain  interrupted, and its checkpoint_last.pt is unreadable" in plan
     assert "student    retrain  its teacher 'assistant' is (re)trained" in plan
+
+
+def test_output_dir_inside_the_data_directory_is_refused(data_bin, tmp_path):
+    """Before: accepted, and every rerun retrained every stage (the data's fingerprint covered the chain's own files)."""
+    from distill_plugins.errors import DistillError
+
+    config = write_chain(tmp_path / "chain.yaml", chain_dict(data_bin))
+    for out in (data_bin, os.path.join(data_bin, "chain")):
+        with pytest.raises(DistillError, match="is inside the data directory .*pass an --output-dir outside it"):
+            chain_main([config, "--output-dir", out])
+    assert not os.path.exists(os.path.join(data_bin, "chain"))

@@ -37,7 +37,7 @@ def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_pa
     shutil.copy(os.path.join(data_bin, "test.jsonl"), eval_file)
     config = write_chain(tmp_path / "chain.yaml", pretrained_chain(
         data_bin, teacher, evaluate={"seeds": [1], "batch-size": 16, "max-length": 96, "max-prompt-tokens": 64,
-                                     "eval-files": [str(eval_file)]}))
+                                     "eval-files": ["evalset/test.jsonl"]}))  # relative to the chain file
     out = str(tmp_path / "out")
     first = run([cli("distill-chain"), config, "--output-dir", out]).stdout
     m = manifest(out)
@@ -84,6 +84,8 @@ def test_pretrained_teacher_and_rouge_in_manifest(data_bin, teacher_ckpt, tmp_pa
     (lambda c: c.update({"evaluate": {"json": "a.json"}}), "evaluate: sets --json, which the chain sets itself"),
     (lambda c: c.update({"evaluate": {"top-p": 2.0}}),  # a value, caught before the first stage trains
      "evaluate: distill-evaluate rejects the options: --top-p 2.0: must be in (0, 1]"),
+    (lambda c: c.update({"evaluate": {"eval-files": ["nowhere.jsonl"]}}),  # was found after the stages trained
+     "nowhere.jsonl does not exist; eval-files are relative to the chain file"),
 ])
 def test_bad_pretrained_or_evaluate(data_bin, teacher_ckpt, tmp_path, edit, message):
     chain = pretrained_chain(data_bin, teacher_ckpt)
