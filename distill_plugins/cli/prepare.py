@@ -184,6 +184,13 @@ def main(argv=None):
         raise DistillError(f"--workers must be >= 1, got {args.workers}")
     if (args.tokenizer == "hf") != bool(args.hf_tokenizer):
         raise DistillError("--tokenizer hf and --hf-tokenizer DIR go together")
+    if args.tokenizer == "hf":
+        ignored = [flag for flag, given in (("--spm-model", args.spm_model),
+                                            ("--vocab-size", args.vocab_size != get_parser().get_default("vocab_size")))
+                   if given]
+        check(not ignored, f"{' and '.join(ignored)} {'are' if len(ignored) > 1 else 'is'} for the SentencePiece "
+                           "tokenizer; --tokenizer hf keeps the --hf-tokenizer's own vocabulary: drop "
+                           + ("them" if len(ignored) > 1 else "it"))
     dest = check_output_dir(args.destdir, "--destdir", "prepare_report.json", args.overwrite,
                             [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in INPUTS])
 

@@ -261,6 +261,9 @@ class InstructionDistillationTask(FairseqTask):
         if self.cfg.teacher_cache and not self.teachers:
             self.teachers = self.load_teacher_caches()
         if self.cfg.teacher_path and not self.teachers:
+            check(self.cfg.teacher_cache_tail == "even",
+                  "--teacher-cache-tail is for a --teacher-cache; a --teacher-path teacher gives its full distribution: "
+                  "drop the option")
             paths = [p.strip() for p in self.cfg.teacher_path.split(",") if p.strip()]
             if self.cfg.teacher_device != "auto":  # auto: the student's device
                 resolve_device(self.cfg.teacher_device, "--teacher-device")
@@ -316,6 +319,11 @@ class InstructionDistillationTask(FairseqTask):
                                "pass --teacher-path instead of --teacher-cache")
         check(self.cfg.teacher_sharding == "replicated",
               "--teacher-sharding fsdp shards a teacher model; a --teacher-cache has none: drop the option")
+        for flag, given in (("--teacher-dtype", self.cfg.teacher_dtype != "fp32"),
+                            ("--teacher-device", self.cfg.teacher_device != "auto"),
+                            ("--teacher-compile", self.cfg.teacher_compile)):
+            check(not given, f"{flag} is for a teacher model; a --teacher-cache has none (its dtype is the one it was "
+                             "built with): drop the option")
         paths = [p.strip() for p in self.cfg.teacher_cache.split(",") if p.strip()]
         caches = [CachedTeacher(p, self) for p in paths]
         for split, dataset in self.datasets.items():  # those loaded before the criterion (valid)

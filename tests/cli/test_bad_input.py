@@ -221,3 +221,18 @@ def test_reverse_kl_options(data_bin, teacher_ckpt, tmp_path):
             reverse_kl.main([*common, *extra])
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert existing.read_text() == "keep"
+
+
+def test_prepare_hf_tokenizer_refuses_sentencepiece_options(tmp_path):
+    """Before: --spm-model and --vocab-size were ignored silently with --tokenizer hf."""
+    from distill_plugins.cli import prepare
+
+    good = write_jsonl(tmp_path / "train.jsonl", [GOOD] * 4)
+    for extra, needle in ((["--spm-model", "x.model"], "--spm-model is for the SentencePiece tokenizer"),
+                          (["--vocab-size", "50"], "--vocab-size is for the SentencePiece tokenizer"),
+                          (["--spm-model", "x.model", "--vocab-size", "50"], "--spm-model and --vocab-size are")):
+        with pytest.raises(DistillError) as e:
+            prepare.main(["--train", str(good), "--destdir", str(tmp_path / "out"), "--tokenizer", "hf",
+                          "--hf-tokenizer", str(tmp_path), *extra])
+        assert needle in str(e.value) and "drop" in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()

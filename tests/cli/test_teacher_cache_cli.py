@@ -102,12 +102,20 @@ def test_bad_options_in_process(data_bin, teacher_ckpt, tmp_path):
         (dict(tokens_per_sample=64), ("--tokens-per-sample 512", "uses 64")),
         (dict(student_data_mode="mixed"), ("--student-data-mode mixed", "--teacher-path instead")),
         (dict(teacher_sharding="fsdp"), ("--teacher-sharding fsdp", "drop the option")),
+        # teacher-model options a cache would ignore (were accepted silently)
+        (dict(teacher_dtype="bf16"), ("--teacher-dtype is for a teacher model", "drop the option")),
+        (dict(teacher_device="cuda:5"), ("--teacher-device is for a teacher model",)),
+        (dict(teacher_compile=True), ("--teacher-compile is for a teacher model",)),
     ):
         task = InstructionDistillationTask.setup_task(
             InstructionDistillationConfig(data=data_bin, teacher_cache=valid_only, seed=1, **options))
         with pytest.raises(DistillError) as e:
             task.load_teachers()
         assert all(n in str(e.value) for n in needles), str(e.value)
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(  # and the reverse: ignored before
+        data=data_bin, teacher_path=teacher_ckpt, teacher_cache_tail="none", seed=1))
+    with pytest.raises(DistillError, match="--teacher-cache-tail is for a --teacher-cache"):
+        task.load_teachers()
     # a cache cut short (a kill while copying or deleting it): one line, not a numpy traceback
     import shutil
 
