@@ -24,11 +24,17 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
     """Yield ``(work, out)``: a scratch directory and the empty ``out`` directory inside it that
     becomes ``dest`` (replacing an existing one) when the ``with`` block succeeds."""
     parent = os.path.dirname(dest) or "."
+    created = []  # the parent directories made here, deepest first: removed again if the block fails
+    missing = os.path.abspath(parent)
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(parent, exist_ok=True)
     owner = f"{prefix}{socket.gethostname()}-"
     _remove_orphans(parent, owner)
     work = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
     previous = _raise_on_sigterm(dest)
+    done = False
     try:
         out = os.path.join(work, "out")
         os.makedirs(out)
@@ -36,8 +42,14 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
         if os.path.exists(dest):  # moved aside first (a rename), so a kill never leaves it half-deleted
             os.replace(dest, os.path.join(work, "replaced"))
         os.replace(out, dest)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for path in created if not done else ():
+            try:
+                os.rmdir(path)  # only while empty
+            except OSError:
+                break
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

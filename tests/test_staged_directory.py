@@ -29,6 +29,20 @@ def test_success_replaces_and_error_leaves_destination(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_a_failed_run_removes_the_parent_directories_it_made(tmp_path):
+    """Before: an empty a/b/ stayed behind after a failed run into a/b/dest."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "kept").write_text("x")
+    for dest in (tmp_path / "new" / "deeper" / "dest", tmp_path / "a" / "b" / "dest"):
+        with pytest.raises(RuntimeError):
+            with staged_directory(str(dest), prefix=".t-"):
+                raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["a"] and sorted(os.listdir(tmp_path / "a")) == ["kept"]
+    with staged_directory(str(tmp_path / "new" / "dest"), prefix=".t-") as (_work, out):
+        open(os.path.join(out, "f"), "w").write("ok")
+    assert sorted(os.listdir(tmp_path / "new")) == ["dest"]
+
+
 def test_sigterm_removes_scratch_and_keeps_destination(tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
