@@ -58,7 +58,7 @@ def test_hf_teacher_tokenization_and_mapping(data):
 def test_hf_teacher_trains_a_student_of_another_tokenizer(criterion, data, tmp_path):
     proc = run([cli("fairseq-train"), data, *TRAIN_COMMON, *TINY_MODEL, "--save-dir", tmp_path / "ckpt",
                 "--max-update", "3", "--criterion", criterion, "--teacher-path", F.hf_dir("gpt2"),
-                "--teacher-data", data / "teacher"])
+                "--teacher-data", data / "teacher", "--tokens-per-sample", "128"])  # the fixture's 128 positions
     log = proc.stdout + proc.stderr
     kd = [float(x) for x in re.findall(r"(?<![a-z_])kd_loss=([0-9.]+)", log)]
     assert len(kd) == 3 and all(k > 0 for k in kd), log[-2000:]
