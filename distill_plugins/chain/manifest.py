@@ -20,13 +20,19 @@ from ..teacher import sha256_file
 VERSION = 1
 
 
+# files of a data directory that fairseq-train never reads: the source jsonl (distill-evaluate reads
+# test.jsonl; its scores are keyed by that file's own hash), logs and reports
+NOT_READ_BY_TRAINING = (".jsonl", ".log", ".md", "prepare_report.json")
+
+
 def sha256_dir(path: str) -> str:
     """sha256 over the relative names and contents of the regular files under ``path`` (a data-bin,
-    its --teacher-data subdirectory, a teacher cache), hidden entries (scratch directories) skipped."""
+    its --teacher-data subdirectory, a teacher cache) that training reads: hidden entries (scratch
+    directories) and ``NOT_READ_BY_TRAINING`` skipped."""
     h = hashlib.sha256()
     for top, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
+        for name in sorted(f for f in files if not f.startswith(".") and not f.endswith(NOT_READ_BY_TRAINING)):
             full = os.path.join(top, name)
             if os.path.isfile(full):
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
