@@ -4,7 +4,8 @@ fairseq's ``SequenceGenerator`` forces a prompt of n tokens in n decoder calls; 
 are left-padded and the whole batch is encoded in one call (``prompt_prefill.decoder_step``), then
 one token per call, and finished rows leave the batch. The per-token decisions are fairseq's own:
 log-softmax of logits / temperature, pad never chosen, EOS blocked before ``min_len`` and forced at
-``max_len`` (steps counted as fairseq does, over prompt + response), no-repeat n-gram blocking
+``max_len`` (steps counted as fairseq does, over prompt + response) or after ``max_new_tokens``
+response tokens (per row: the protocol's response cap), no-repeat n-gram blocking
 (``NGramBlocker``, Hugging Face semantics; the prompt counts as history) and ``fairseq.search.Sampling``
 (top-k / top-p) or argmax. ``InstructionDistillationTask.build_generator`` picks it for beam 1 and a
 single supported model; beam search and ``--no-prompt-prefill`` keep ``PromptSequenceGenerator``.
@@ -50,6 +51,7 @@ class PrefillGenerator:
         ngram = getattr(args, "no_repeat_ngram_size", 0)
         self.blocker = NGramBlocker(ngram) if ngram > 0 else None
         self.max_positions = model.max_decoder_positions()
+        self.max_new_tokens = getattr(args, "max_new_tokens", None) or None  # per row; also set by build_generator
 
     def cuda(self):
         self.model.cuda()
@@ -81,6 +83,10 @@ class PrefillGenerator:
         responses: List[List[int]] = [[] for _ in range(bsz)]
         scores: List[List[float]] = [[] for _ in range(bsz)]
         step = prompt_lengths.clone()  # fairseq's step index of each row's next token
+        # EOS is forced at step row_max: max_len, or after max_new_tokens response tokens
+        row_max = torch.full_like(step, max_len)
+        if self.max_new_tokens:
+            row_max = torch.minimum(row_max, prompt_lengths + int(self.max_new_tokens))
         alive = torch.arange(bsz, device=prompts.device)
         done = step > max_len  # prompt already past max_len: nothing to generate (as fairseq)
         state: Dict = {}
@@ -92,14 +98,15 @@ class PrefillGenerator:
                 if keep.numel() == 0:
                     break
                 alive, step, logits, padding = alive[keep], step[keep], logits[keep], padding[keep]
+                row_max = row_max[keep]
                 next_position = next_position[keep]
                 history = history[keep] if history is not None else None
                 self.model.decoder.reorder_incremental_state_scripting(state, keep)
-            token, token_score = self._choose(logits, step, max_len, history)
+            token, token_score = self._choose(logits, step, row_max, history)
             for r, t, s in zip(alive.tolist(), token.tolist(), token_score.tolist()):
                 responses[r].append(t)
                 scores[r].append(s)
-            done = token.eq(self.eos) | (step >= max_len)
+            done = token.eq(self.eos) | (step >= row_max)
             step = step + 1
             if bool(done.all()):
                 break
@@ -112,13 +119,13 @@ class PrefillGenerator:
         return [[self._hypothesis(prompts[i, : int(prompt_lengths[i])], responses[i], scores[i])]
                 for i in range(bsz)]
 
-    def _choose(self, logits, step, max_len: int, history):
+    def _choose(self, logits, step, row_max, history):
         lprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         lprobs[lprobs != lprobs] = -math.inf
         lprobs[:, self.pad] = -math.inf
         lprobs[:, self.unk] -= self.unk_penalty
-        at_max = step >= max_len
-        if bool(at_max.any()):  # fairseq forces EOS at max_len
+        at_max = step >= row_max
+        if bool(at_max.any()):  # fairseq forces EOS at max_len (here also after max_new_tokens)
             eos_lprob = lprobs[at_max, self.eos].clone()
             lprobs[at_max] = -math.inf
             lprobs[at_max, self.eos] = eos_lprob

@@ -59,7 +59,8 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="0: off")
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts keep their first tokens")
-    p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="prompt + response tokens; a response has at most --max-length - --max-prompt-tokens")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--max-tokens", type=int, default=None, help="prompt tokens per batch (optional)")
     p.add_argument("--cpu", action="store_true", help="generate on CPU even if a GPU is present")
@@ -217,7 +218,7 @@ def check_values(args):
     if args.batch_size < 1:
         raise DistillError("--batch-size must be >= 1")
     return SamplingSettings(args.top_k, args.top_p, args.temperature, args.no_repeat_ngram_size,
-                            args.max_length).check()
+                            args.max_length, args.max_length - args.max_prompt_tokens).check()
 
 
 def main(argv=None):

@@ -4,7 +4,10 @@ MiniLLM/DistiLLM/DSKD evaluate with Hugging Face ``generate(do_sample=True, top_
 temperature=1.0, no_repeat_ngram_size=6, max_length=512)`` (spec section 5). In fairseq terms:
 sampling with beam 1, ``sampling_topk``/``sampling_topp`` -1 for "off" (HF's 0 and 1.0), and
 ``max_len_b`` = the total length: prompt and response together hold at most ``max_length`` tokens
-(fairseq then appends EOS, which is not text). In-training validation uses no n-gram blocking.
+(fairseq then appends EOS, which is not text). The references left-pad every prompt to
+max_prompt_length (256) and generate up to max_length minus that width, so a response has at most
+``max_new_tokens`` = 512 - 256 = 256 tokens whatever its prompt's length (MiniLLM
+data_utils/prompt_datasets.py collate; evaluate_main.py). In-training validation uses no n-gram blocking.
 """
 import json
 from argparse import Namespace
@@ -20,6 +23,7 @@ class SamplingSettings:
     temperature: float = 1.0
     no_repeat_ngram_size: int = 6  # 0: off
     max_length: int = 512  # prompt + response tokens
+    max_new_tokens: int = 256  # response tokens (max_length - max_prompt_length; 0: only max_length)
 
     def check(self):
         if self.top_k < 0:
@@ -39,7 +43,7 @@ class SamplingSettings:
         return fairseq_generation_args(
             sampling=True, beam=1, sampling_topk=self.top_k, sampling_topp=self.top_p,
             temperature=self.temperature, no_repeat_ngram_size=self.no_repeat_ngram_size,
-            max_len_a=0, max_len_b=self.max_length,
+            max_len_a=0, max_len_b=self.max_length, max_new_tokens=self.max_new_tokens or None,
         )
 
 
@@ -56,7 +60,7 @@ def fairseq_generation_args(**kwargs) -> Namespace:
 # In-training validation (--eval-rouge): the protocol's sampling without n-gram blocking.
 VALIDATION_DEFAULTS = dict(
     sampling=True, beam=1, sampling_topk=-1, sampling_topp=-1.0, temperature=1.0,
-    no_repeat_ngram_size=0, max_len_a=0, max_len_b=512,
+    no_repeat_ngram_size=0, max_len_a=0, max_len_b=512, max_new_tokens=256,
 )
 
 

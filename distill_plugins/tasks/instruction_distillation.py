@@ -121,6 +121,11 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
         default=0, metadata={"help": "score only the first N validation examples (0: all)"}
     )
     eval_rouge_print_samples: bool = field(default=False, metadata={"help": "log one sample per batch"})
+    max_response_tokens: int = field(
+        default=256, metadata={"help": "fairseq-generate: at most this many response tokens per prompt (0: no "
+                                       "limit but --max-len-b, the total); 256 = the MiniLLM/DistiLLM protocol's "
+                                       "max_length 512 - max_prompt_length 256 (prompts are left-padded to 256)"}
+    )
     no_prompt_prefill: bool = field(
         default=False, metadata={"help": "generate with fairseq's SequenceGenerator, forcing the prompt token by "
                                          "token, instead of one prefill pass (beam 1 only uses the prefill)"}
@@ -444,12 +449,24 @@ class InstructionDistillationTask(FairseqTask):
 
     # -- generation ----------------------------------------------------------------------------
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        """PrefillGenerator for beam 1, else PromptSequenceGenerator. ``max_new_tokens`` (a response
+        cap on top of the total --max-len-b) comes from ``args`` (distill-evaluate, --eval-rouge;
+        internal generation passes none) or, for fairseq-generate's config, --max-response-tokens."""
         if seq_gen_cls is None and not self.cfg.no_prompt_prefill and prefill_applicable(models, args):
-            return PrefillGenerator(models[0], self.target_dictionary, args)
-        return super().build_generator(
-            models, args, seq_gen_cls=seq_gen_cls or PromptSequenceGenerator,
-            extra_gen_cls_kwargs=extra_gen_cls_kwargs,
-        )
+            generator = PrefillGenerator(models[0], self.target_dictionary, args)
+        else:
+            generator = super().build_generator(
+                models, args, seq_gen_cls=seq_gen_cls or PromptSequenceGenerator,
+                extra_gen_cls_kwargs=extra_gen_cls_kwargs,
+            )
+        try:
+            limit = getattr(args, "max_new_tokens", None)
+        except Exception:  # an omegaconf config without the key
+            limit = None
+        if limit is None and isinstance(args, DictConfig):  # fairseq-generate's GenerationConfig
+            limit = self.cfg.max_response_tokens
+        generator.max_new_tokens = int(limit) if limit else None
+        return generator
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         """Generate a response for each prompt; hypotheses hold the response tokens only.
@@ -463,6 +480,8 @@ class InstructionDistillationTask(FairseqTask):
         sample["net_input"] = {"src_tokens": prompts, "src_lengths": lengths}
         with torch.no_grad():
             hypos = generator.generate(models, sample, prefix_tokens=prompts, bos_token=self.dictionary.eos())
+        cap = getattr(generator, "max_new_tokens", None)
+        eos = self.dictionary.eos()
         for i, beams in enumerate(hypos):
             n = int(lengths[i])
             for h in beams:
@@ -470,6 +489,11 @@ class InstructionDistillationTask(FairseqTask):
                 h["positional_scores"] = h["positional_scores"][n:]
                 if h.get("attention") is not None and h["attention"].numel() > 0:
                     h["attention"] = h["attention"][..., n:]
+                if cap and h["tokens"].numel() > cap + 1:  # PromptSequenceGenerator: cut, EOS after (as forced)
+                    h["tokens"] = torch.cat([h["tokens"][:cap], h["tokens"].new_tensor([eos])])
+                    h["positional_scores"] = h["positional_scores"][:cap + 1]
+                    if h.get("attention") is not None and h["attention"].numel() > 0:
+                        h["attention"] = h["attention"][..., :cap + 1]
         return hypos
 
     def _warn_prompts_at_length_limit(self, generator, prompts, lengths):
@@ -482,7 +506,7 @@ class InstructionDistillationTask(FairseqTask):
             self._warned_length_limit = True
             logger.warning(f"{full} of {len(lengths)} prompts in this batch are {limit} tokens or longer, so their "
                            f"responses are empty: --max-len-b {generator.max_len_b} is the total length, prompt "
-                           f"included (the MiniLLM protocol uses 512, as HF max_length=512: the response may fill what the prompt leaves)")
+                           f"included (the MiniLLM protocol uses 512 with prompts of at most 256 tokens)")
 
     # -- Rouge-L validation (--eval-rouge) -------------------------------------------------------
     def build_model(self, cfg, from_checkpoint=False):

@@ -101,12 +101,13 @@ def test_blocking_blocks_and_forced_prompts_survive(crafted_ckpt, data_bin, tmp_
 
     unblocked = evaluate_responses(ckpt, data_bin, eval_file, tmp_path, "--no-repeat-ngram-size", "0")
     blocked = evaluate_responses(ckpt, data_bin, eval_file, tmp_path)  # default: 6
-    for r in unblocked:  # the model's wish: the favourite to the maximum length
-        assert r["tokens"] == [FAVOURITE] * (48 - len(prompts[r["id"]]))
+    cap = 48 - 16  # at most --max-length - --max-prompt-tokens response tokens (the protocol's 512 - 256)
+    for r in unblocked:  # the model's wish: the favourite to the response cap
+        assert r["tokens"] == [FAVOURITE] * min(48 - len(prompts[r["id"]]), cap)
         assert ngram_repeats(prompts[r["id"]] + r["tokens"], len(prompts[r["id"]]))
     for r in blocked:
         full = prompts[r["id"]] + r["tokens"]
-        assert len(r["tokens"]) == 48 - len(prompts[r["id"]])  # nothing broke: full length, no EOS
+        assert len(r["tokens"]) == min(48 - len(prompts[r["id"]]), cap)  # nothing broke: full length, no EOS
         assert ngram_repeats(full, len(prompts[r["id"]])) == []  # no generated token repeats a 6-gram
         assert r["tokens"].count(FAVOURITE) > len(r["tokens"]) // 2  # still the favourite where allowed
     # the prompt's own 6-grams count as history: the first response token cannot be a 7th apple
