@@ -74,7 +74,8 @@ def get_parser():
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-total-tokens", type=int, default=512, help="prompt + response + EOS")
     p.add_argument("--long-prompts", choices=["truncate", "drop"], default="truncate",
-                   help="prompts over --max-prompt-tokens: keep the first tokens (DistiLLM) or drop the row (MiniLLM)")
+                   help="prompts over --max-prompt-tokens: keep the first tokens (DistiLLM) or drop the row (MiniLLM; "
+                        "train and valid only: test prompts are always cut, as MiniLLM's evaluation does)")
     p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --destdir")
     return p
@@ -85,15 +86,22 @@ def encode_split(rows, tok, max_prompt, max_total, long_prompts):
     pairs, kept = [], []
     counts = {"rows": len(rows), "prompts_truncated": 0, "prompts_dropped": 0, "responses_truncated": 0}
     for row in rows:
-        prompt = tok.encode(render_prompt(row))
-        response = tok.encode(references(row)[0])
+        text = render_prompt(row)
+        prompt = tok.encode(text)
+        # tokenised jointly with the prompt, then split at the prompt's length (MiniLLM/DistiLLM
+        # process_data_dolly.py; spec 5): a tokenizer that marks word starts (Metaspace) would otherwise
+        # begin the response with a word-start piece the joint text does not have
+        response = tok.encode(text + references(row)[0])[len(prompt):]
         if len(prompt) > max_prompt:
             if long_prompts == "drop":
                 counts["prompts_dropped"] += 1
                 continue
             prompt = prompt[:max_prompt]
             counts["prompts_truncated"] += 1
-        room = max_total - len(prompt) - 1  # one slot for EOS
+        # the references' (prompt + response + [EOS])[:max_total]: a cut response has no EOS. Its
+        # room - P tokens are stored; the EOS binarization appends is cut off by the dataset's
+        # --tokens-per-sample window (join_prompt_response), as the reference's slice does
+        room = max_total - len(prompt)
         if len(response) > room:
             response = response[: max(room, 0)]
             counts["responses_truncated"] += 1
@@ -136,7 +144,9 @@ def write_tokenized(tok, data, files, work, out, args, long_prompts):
               "max_total_tokens": args.max_total_tokens, "long_prompts": long_prompts, "splits": {}}
     prefs, kept_rows = [], {}
     for split, rows in data.items():
-        pairs, kept, counts = encode_split(rows, tok, args.max_prompt_tokens, args.max_total_tokens, long_prompts)
+        # MiniLLM drops long prompts from train/dev only; its test prompts are cut to their first tokens
+        mode = "truncate" if split == "test" else long_prompts
+        pairs, kept, counts = encode_split(rows, tok, args.max_prompt_tokens, args.max_total_tokens, mode)
         if not pairs:
             raise DistillError(f"{files[split]}: no example left after dropping long prompts")
         for side, idx in (("src", 0), ("tgt", 1)):

@@ -143,6 +143,19 @@ class InstructionDistillationConfig(StudentDataConfig):  # + --student-data-mode
     )
 
 
+def prepared_total_length(data: str) -> int:
+    """distill-prepare's --max-total-tokens for ``data`` (no limit if it has no report): examples are cut
+    to it, so that a response it cut loses the EOS binarization appended, as the references'
+    (prompt + response + [EOS])[:max_length] does."""
+    path = os.path.join(data, "prepare_report.json")
+    if not os.path.isfile(path):
+        return 1 << 62
+    import json
+
+    with open(path) as f:
+        return int(json.load(f).get("max_total_tokens") or (1 << 62))
+
+
 @register_task("instruction_distillation", dataclass=InstructionDistillationConfig)
 class InstructionDistillationTask(FairseqTask):
     cfg: InstructionDistillationConfig
@@ -187,7 +200,8 @@ class InstructionDistillationTask(FairseqTask):
         if len(parts[0]) == 0:
             raise DistillError(f"the '{split}' split in {data} is empty")
         dataset = PromptResponseDataset(
-            parts[0], parts[1], self.dictionary, max_len=self.cfg.tokens_per_sample, shuffle=(split == "train")
+            parts[0], parts[1], self.dictionary, max_len=min(self.cfg.tokens_per_sample, prepared_total_length(data)),
+            shuffle=(split == "train"),
         )
         self.check_response_labels(dataset, split)
         if self.cfg.teacher_data:  # cross-tokenizer KD: the teacher's tokenization of the same rows
