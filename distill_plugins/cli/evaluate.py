@@ -53,6 +53,8 @@ def get_parser():
     p.add_argument("--eval-files", nargs="+", default=None,
                    help="evaluation jsonl files (default: the data directory's {--split}.jsonl)")
     p.add_argument("--split", default="test", help="data directory split used when no --eval-files are given")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="evaluate only the first N rows of each file (the protocol caps UnNI at 10000)")
     p.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="one sampling pass per seed")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
@@ -192,8 +194,8 @@ def check_args(args):
     return settings
 
 
-GENERATION_OPTIONS = ("seeds", "top_k", "top_p", "temperature", "no_repeat_ngram_size", "max_prompt_tokens",
-                      "max_length", "batch_size", "max_tokens", "dtype", "responses")
+GENERATION_OPTIONS = ("max_examples", "seeds", "top_k", "top_p", "temperature", "no_repeat_ngram_size",
+                      "max_prompt_tokens", "max_length", "batch_size", "max_tokens", "dtype", "responses")
 
 
 def check_generation_options(args):
@@ -211,6 +213,8 @@ def check_values(args):
     """The option values alone (no file is read): also what distill-chain checks before any stage."""
     if not args.seeds:
         raise DistillError("--seeds needs at least one seed")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise DistillError(f"--max-examples must be >= 1, got {args.max_examples}")
     if len(set(args.seeds)) != len(args.seeds):
         raise DistillError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
     if args.max_prompt_tokens < 1 or args.max_length <= args.max_prompt_tokens:
@@ -233,7 +237,7 @@ def main(argv=None):
     check_outputs([args.json, md_path, args.responses], args.overwrite, inputs=[*paths, *eval_files])
     tokenizer = load_tokenizer(args.data)
     labels = eval_set_labels(eval_files)
-    rows_of = [read_instruction_jsonl(p) for p in eval_files]  # validate every file before any work
+    rows_of = [read_instruction_jsonl(p)[:args.max_examples] for p in eval_files]  # validate all before any work
 
     t0 = time.time()
     responses_out = [] if args.responses else None
@@ -290,7 +294,7 @@ def main(argv=None):
                 "std": "population std over seeds"}
     if kind == "checkpoints":  # generation files were sampled elsewhere, with settings not known here
         protocol = {**settings.to_dict(), "sampling": True, "max_prompt_tokens": args.max_prompt_tokens,
-                    "seeds": args.seeds, **protocol}
+                    "seeds": args.seeds, "max_examples": args.max_examples, **protocol}
     result = {
         "tool": "distill-evaluate",
         "protocol": protocol,

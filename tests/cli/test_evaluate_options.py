@@ -111,3 +111,17 @@ def test_outputs_never_replace_inputs_or_each_other(data_bin, teacher_ckpt, tmp_
     # generation files record only how they were scored, not sampling settings never applied to them
     evaluate.main([gen, "--data", data_bin, "--json", str(tmp_path / "g.json")])
     assert set(json.load(open(tmp_path / "g.json"))["protocol"]) == {"metric", "std"}
+
+
+def test_max_examples_evaluates_the_first_rows_of_each_file(teacher_ckpt, data_bin, tmp_path):
+    """The protocol scores UnNI's first 10,000 rows only (--dev-num 10000); before, every row was scored."""
+    out = tmp_path / "r.json"
+    evaluate.main([teacher_ckpt, "--data", data_bin, "--seeds", "10", "--cpu", "--no-progress", "--max-length", "64",
+                   "--max-prompt-tokens", "56", "--max-examples", "3", "--responses", str(tmp_path / "r.jsonl"),
+                   "--json", str(out)])
+    result = json.load(open(out))
+    assert result["runs"][0]["files"][0]["examples"] == 3 and result["protocol"]["max_examples"] == 3
+    assert sorted(json.loads(line)["id"] for line in open(tmp_path / "r.jsonl")) == [0, 1, 2]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([teacher_ckpt, "--data", data_bin, "--max-examples", "0"])
+    assert "--max-examples must be >= 1, got 0" in str(e.value)
