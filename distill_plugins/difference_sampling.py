@@ -2,8 +2,9 @@
 reference LM (Gu et al. 2025, "MiniPLM: Knowledge Distillation for Pre-Training Language Models",
 ICLR; spec ``methods.md`` section 8).
 
-Both models score every document x once, log p(x) = sum_t log p(x_t | x_<t); the documents with the
-highest difference score are kept (the top ``keep_fraction``, MiniPLM's alpha) and the student is
+Both models score every document x once, log p(x) = sum_{t >= 1} log p(x_t | x_<t) (its first token
+is not scored, as MiniPLM's shifted-label losses do not score it; |x| counts the scored tokens);
+the documents with the highest difference score are kept (the top ``keep_fraction``, MiniPLM's alpha) and the student is
 pre-trained on them with the plain LM loss, so training costs no teacher forward.
 
 * ``difference`` (default) r(x) = [log p(x) - log p_ref(x)] / |x|: the per-token log-likelihood
@@ -14,8 +15,12 @@ pre-trained on them with the plain LM loss, so training costs no teacher forward
   than the reference does, the opposite of the method's intent (up-sample hard, valuable instances);
   kept for comparison only.
 
+Why not the first token: an HF-backed model (which never sees the BOS column) can only give it
+log(1/V), a model trained here predicts it from the preceding EOS, so with one of each its term
+would shift every score by a length- and token-dependent amount unrelated to what the teacher knows.
+
 A document (fairseq's LM layout: its tokens end with EOS, and the previous document's EOS precedes
-it) is scored as [EOS] + x -> x in windows of at most ``window`` input tokens, each window a
+it) is scored as [EOS] + x -> x (the first target unscored) in windows of at most ``window`` input tokens, each window a
 separate forward (as fairseq's LM training cuts a long document into blocks); documents shorter
 than ``window`` are scored whole. Every window starts with the BOS column of the task's inputs: the
 first one's is the preceding EOS; a later one's is an EOS put before its context token (the last
@@ -35,11 +40,14 @@ SCORES = ("difference", "ratio")
 
 def document_windows(tokens: Tensor, eos: int, window: int, pad: int) -> List[tuple]:
     """(inputs, targets) pairs of at most ``window`` tokens (``max(window, 2)``) covering every token
-    of ``tokens`` once; ``pad`` marks the later windows' BOS column, which has no target."""
+    of ``tokens`` but the first once; ``pad`` marks targets that are not scored: the first token, and
+    the later windows' BOS column."""
     full = torch.cat([tokens.new_tensor([eos]), tokens.long()])
     n = len(tokens)
     end = min(window, n)
-    pairs = [(full[:end], full[1:end + 1])]
+    first = full[1:end + 1].clone()
+    first[0] = pad
+    pairs = [(full[:end], first)]
     step = max(window - 1, 1)  # later windows: the BOS column takes one of the ``window`` inputs
     for s in range(end, n, step):
         e = min(s + step, n)
@@ -104,9 +112,15 @@ def document_log_likelihoods(model, documents: Sequence[Tensor], pad: int, eos: 
     return totals
 
 
+def scored_tokens(lengths: Tensor) -> Tensor:
+    """|x| of documents of ``lengths`` tokens: all but the first (``document_windows``)."""
+    return (lengths - 1).clamp(min=0)
+
+
 def difference_scores(teacher_logp: Tensor, reference_logp: Tensor, lengths: Tensor,
                       score: str = "difference") -> Tensor:
-    """r per document (float64); NaN (both models give the document probability 0) becomes -inf."""
+    """r per document (float64); ``lengths``: the scored tokens |x| (``scored_tokens``). NaN (both
+    models give the document probability 0, or it has no scored token) becomes -inf."""
     t, r = teacher_logp.double(), reference_logp.double()
     if score == "difference":
         out = (t - r) / lengths.double()

@@ -26,8 +26,9 @@ def setup():
 
 def reference_log_likelihoods(model, docs, eos, window):
     """Every window on its own, batch of one, in float64: sum of log softmax at the targets. The
-    first window predicts tokens 0..w-1 from the preceding EOS on; each later one predicts the next
-    max(w - 1, 1) tokens from [EOS, context token, ...] (the EOS a BOS column without a target)."""
+    first window predicts tokens 0..w-1 from the preceding EOS on, token 0 not counted (as MiniPLM's
+    shifted labels); each later one predicts the next max(w - 1, 1) tokens from [EOS, context token,
+    ...] (the EOS a BOS column without a target)."""
     model = model.double()
     out = []
     for doc in docs:
@@ -40,7 +41,8 @@ def reference_log_likelihoods(model, docs, eos, window):
             inp = torch.tensor([context + x[start:start + count - 1]])
             logits = model(inp)[0][0].double()[len(context) - 1:]  # the positions predicting x[start:]
             tgt = torch.tensor(x[start:start + count])
-            total += torch.log_softmax(logits, -1).gather(-1, tgt[:, None]).sum().item()
+            picked = torch.log_softmax(logits, -1).gather(-1, tgt[:, None]).squeeze(-1)
+            total += (picked[1:] if first else picked).sum().item()
             start += count
         out.append(total)
     model.float()
@@ -53,14 +55,16 @@ def test_windows_cover_every_token_once():
     for window in (1, 2, 4, 6, 100):
         pairs = document_windows(doc, eos=2, window=window, pad=pad)
         targets = torch.cat([t for _, t in pairs])
-        assert torch.equal(targets[targets.ne(pad)], doc)
+        assert torch.equal(targets[targets.ne(pad)], doc[1:])  # all but the first token (not scored)
         assert all(len(i) == len(t) <= max(window, 2) for i, t in pairs)
-        assert pairs[0][0][0] == 2 and pairs[0][1][0] != pad  # the first window starts from the preceding EOS
+        assert pairs[0][0][0] == 2 and pairs[0][1][0] == pad  # the first window starts from the preceding EOS
         for inp, tgt in pairs[1:]:  # later ones: a BOS (EOS) without target, then the context token
             assert inp[0] == 2 and tgt[0] == pad
             assert torch.equal(inp[2:], tgt[1:-1])
-        for (inp, tgt), (_, before) in zip(pairs[1:], pairs):
-            assert inp[1] == before[-1]  # the context token: the last target of the window before
+        covered = len(pairs[0][1])
+        for inp, tgt in pairs[1:]:
+            assert inp[1] == doc[covered - 1]  # the context token: the last token of the window before
+            covered += len(tgt) - 1
 
 
 @pytest.mark.parametrize("window,max_tokens", [(64, 64), (64, 4096), (4, 8), (7, 64), (1, 3)])
@@ -71,7 +75,8 @@ def test_log_likelihoods_match_float64_reference(setup, window, max_tokens):
     want = reference_log_likelihoods(teacher.model, docs, d.eos(), window)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    assert (got < 0).all()
+    lone = torch.tensor([len(x) == 1 for x in docs])  # EOS alone: nothing scored
+    assert (got[~lone] < 0).all() and (got[lone] == 0).all()
 
 
 def test_dense_logits_path_equals_fused(setup, monkeypatch):

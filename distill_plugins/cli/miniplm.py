@@ -29,7 +29,9 @@ import time
 import torch
 
 from ..devices import resolve_device
-from ..difference_sampling import SCORES, difference_scores, document_log_likelihoods, kept_count, select_top
+from ..difference_sampling import (
+    SCORES, difference_scores, document_log_likelihoods, kept_count, scored_tokens, select_top,
+)
 from ..errors import DistillError, check, not_utf8
 from ..staged_directory import check_output_dir, staged_directory
 from ..teacher import Teacher, dictionary_fingerprint
@@ -197,14 +199,14 @@ def run(args, dest, device, rank, world):
     say(f"| {args.split}: {len(dataset):,} documents, {int(lengths.sum()):,} tokens; keeping {n_keep:,} "
         f"({args.keep_fraction:g}) by {args.score} score; scored in windows of {window} tokens"
         + (f" by {world} workers" if world > 1 else ""))
-    scored = {}
+    scored, counted = {}, scored_tokens(lengths)  # a document's first token is not scored
     for name, model in models.items():
         logp, seconds = score_with(name, model, task, args, device, dataset, lengths, window, rank, world)
         scored[name] = (model, logp, seconds)
-        say(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / lengths.sum()):.4f} nats/token, "
+        say(f"| {name} {model.path}: mean log-likelihood {float(logp.sum() / counted.sum()):.4f} nats/token, "
             f"{seconds:.1f}s ({float(lengths.sum()) / max(seconds, 1e-9):,.0f} tokens/s)")
     teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
-    scores = difference_scores(teacher_logp, reference_logp, lengths, args.score)
+    scores = difference_scores(teacher_logp, reference_logp, counted, args.score)
     kept = select_top(scores, args.keep_fraction)
     is_kept = torch.zeros(len(dataset), dtype=torch.bool)
     is_kept[kept] = True
@@ -230,9 +232,9 @@ def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, win
             if f.endswith((".bin", ".idx")) and not f.startswith(f"{args.split}.") or f == "dict.txt":
                 shutil.copyfile(os.path.join(args.corpus, f), os.path.join(out, f))
         with open(os.path.join(out, "scores.tsv"), "w") as f:
-            f.write("index\ttokens\tteacher_logprob\treference_logprob\tscore\tkept\n")
+            f.write("index\ttokens\tteacher_logprob\treference_logprob\tscore\tkept\n")  # tokens: the scored
             for i in range(len(dataset)):
-                f.write(f"{i}\t{int(lengths[i])}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
+                f.write(f"{i}\t{int(lengths[i]) - 1}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
                         f"{float(scores[i]):.8g}\t{int(is_kept[i])}\n")
         if args.text:
             keep = is_kept.tolist()

@@ -66,7 +66,7 @@ def test_refines_the_corpus_and_fairseq_trains_on_it(data_bin, teacher_ckpt, cor
     for r in rows:
         want = (float(r["teacher_logprob"]) - float(r["reference_logprob"])) / int(r["tokens"])
         assert float(r["score"]) == pytest.approx(want, rel=1e-5, abs=1e-6)
-        assert int(r["tokens"]) == len(original[int(r["index"])])
+        assert int(r["tokens"]) == len(original[int(r["index"])]) - 1  # the first token is not scored
     ranked = sorted(range(len(rows)), key=lambda i: (-float(rows[i]["score"]), i))
     kept = sorted(ranked[:72])
     assert [i for i, r in enumerate(rows) if r["kept"] == "1"] == kept
@@ -83,7 +83,8 @@ def test_refines_the_corpus_and_fairseq_trains_on_it(data_bin, teacher_ckpt, cor
     model = Teacher.load(teacher_ckpt, task).model.double()
     for i in (0, 7, 131, 239):
         full = torch.tensor([[dictionary.eos()] + original[i]])
-        logp = torch.log_softmax(model(full[:, :-1])[0][0].double(), -1).gather(-1, full[0, 1:, None]).sum()
+        picked = torch.log_softmax(model(full[:, :-1])[0][0].double(), -1).gather(-1, full[0, 1:, None])
+        logp = picked[1:].sum()  # from the second token on (MiniPLM's shifted labels)
         assert float(rows[i]["teacher_logprob"]) == pytest.approx(logp.item(), abs=1e-3)
     # fairseq's own language_modeling task trains on the refined corpus
     proc = run([cli("fairseq-train"), out, *LM_TRAIN, "--max-update", "2", "--no-save"])
