@@ -99,7 +99,11 @@ class Teacher:
         recorded = (state.get("task_state") or {}).get("dictionary")
         if recorded is None:  # a checkpoint of another task: compare the embedding table's rows
             emb = state["model"].get("decoder.embed_tokens.weight")
-            recorded = {"size": None if emb is None else emb.size(0), "sha256": None}
+            if emb is None:
+                raise DistillError(f"{role} {path} records no dictionary and has no decoder.embed_tokens.weight to "
+                                   "compare with the data's; pass a checkpoint fairseq-train wrote for this data, or "
+                                   "a Hugging Face directory")
+            recorded = {"size": emb.size(0), "sha256": None}
         if recorded["size"] != student["size"] or (
             recorded["sha256"] is not None and recorded["sha256"] != student["sha256"]
         ):

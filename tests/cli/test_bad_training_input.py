@@ -130,3 +130,21 @@ def test_a_forgotten_batch_size_is_one_line(data_bin, tmp_path):
     proc = run([cli("fairseq-train"), data_bin, *common, *TINY_MODEL, "--criterion", "cross_entropy",
                 "--save-dir", tmp_path / "ckpt", "--max-update", "1"], check=False)
     assert_one_line_error(proc, "needs a batch size", "--max-tokens", "--batch-size")
+
+
+def test_a_teacher_without_dictionary_or_embeddings_is_named(data_bin, teacher_ckpt, tmp_path):
+    """Before: 'teacher dictionary (size None) differs from the student's'."""
+    import torch
+
+    from distill_plugins.errors import DistillError
+    from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
+    from distill_plugins.teacher import Teacher
+
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
+    state.pop("task_state", None)
+    state["model"]["decoder.embed_tokens_renamed.weight"] = state["model"].pop("decoder.embed_tokens.weight")
+    bad = tmp_path / "renamed.pt"
+    torch.save(state, bad)
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin))
+    with pytest.raises(DistillError, match="records no dictionary and has no decoder.embed_tokens.weight"):
+        Teacher.load(str(bad), task)
