@@ -48,7 +48,7 @@ step "4/6 student: kd_gpt2_tiny distilled from the teacher with skew KL (alpha 0
   --teacher-path "$CK/teacher/checkpoint_best.pt" --max-update "$STUDENT_UPDATES" \
   --save-dir "$CK/student_skew_kl" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training|distill_plugins.teacher"
 
-step "5/6 generate responses for the 100 held-out prompts (sampling, top-k 0, top-p 1, T 1, no-repeat 6, total 512; seeds $SEEDS)"
+step "5/6 generate responses for the 100 held-out prompts (sampling, top-k 0, top-p 1, T 1, no-repeat 6, total 512, responses of at most 256 tokens; seeds $SEEDS)"
 for model in teacher student_sft student_skew_kl; do
   for seed in $SEEDS; do
     fairseq-generate "$DATA" --user-dir distill_plugins --task instruction_distillation \
