@@ -21,8 +21,9 @@ VERSION = 1
 
 
 # files of a data directory that fairseq-train never reads: the source jsonl (distill-evaluate reads
-# test.jsonl; its scores are keyed by that file's own hash), logs and reports
-NOT_READ_BY_TRAINING = (".jsonl", ".log", ".md", "prepare_report.json")
+# test.jsonl; its scores are keyed by that file's own hash) and logs (prepare_report.json is read: its
+# --max-total-tokens cuts the examples)
+NOT_READ_BY_TRAINING = (".jsonl", ".log", ".md")
 
 
 def sha256_dir(path: str) -> str:

@@ -118,7 +118,7 @@ def main(argv=None):
           f"{args.data} has no {args.split}.jsonl; pass a data directory made by distill-prepare")
     check(os.path.isfile(os.path.join(args.data, "spm.model")),
           f"{args.data} has no spm.model: distill-seqkd decodes the teacher's responses with the data's "
-          "SentencePiece model, so it needs data made by distill-prepare with --tokenizer spm (the default), "
+          "SentencePiece model, so it needs data made by distill-prepare with --tokenizer sentencepiece (the default), "
           "not --tokenizer hf")
     device = resolve_device(args.device)
     rows = read_instruction_jsonl(os.path.join(args.data, f"{args.split}.jsonl"))

@@ -2,7 +2,8 @@
 # MiniLLM on one GPU, small and quick (a few minutes): the bundled Dolly subset, a kd_gpt2_mini teacher
 # and a kd_gpt2_tiny student fine-tuned first, then MiniLLM with the spec's coefficients in fp16, and
 # the reverse KL and Rouge-L (distill-evaluate) on the test prompts before and after. Writes $OUT
-# (default results/minillm_gpu).
+# (default results/minillm_gpu_$SIZE) and works in $W (default /tmp/minillm_gpu_$SIZE; its checkpoints are
+# retrained on every run).
 # SIZE=gpt2 takes the spec's shapes instead: a kd_gpt2_xl (1.5B) teacher and a kd_gpt2_base (124M)
 # student, both fine-tuned from random init in fp16 first (no GPT-2 weights can be fetched here, so
 # only the shapes, memory and speed are realistic), 8k SentencePiece vocabulary, lr 5e-6 as MiniLLM.
@@ -15,8 +16,8 @@ if ! $PY -c "import fairseq" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package, without installing it
-OUT=${OUT:-results/minillm_gpu}
-W=${W:-/tmp/minillm_gpu}
+OUT=${OUT:-results/minillm_gpu_${SIZE:-small}}
+W=${W:-/tmp/minillm_gpu_${SIZE:-small}}  # one per size: the sizes' checkpoints do not fit each other
 UPDATES=${UPDATES:-48}
 if [ "${SIZE:-small}" = gpt2 ]; then
   TEACHER_ARCH=kd_gpt2_xl STUDENT_ARCH=kd_gpt2_base VOCAB=8000 SFT_LR=3e-4 LR=${LR:-5e-6} HALF=(--fp16)
@@ -26,6 +27,7 @@ else
   TEACHER_UPDATES=${TEACHER_UPDATES:-300} SFT_UPDATES=${SFT_UPDATES:-200} ROLLOUT_BATCH=64
 fi
 mkdir -p "$OUT" "$W"
+rm -rf "$W/teacher" "$W/student_sft" "$W/student_minillm"  # a rerun trains anew (not resumed at max-update)
 show() { grep -E "train_inner|valid on|collection|done training|rror" || true; }
 $PY -m distill_plugins.cli.prepare --train examples/dolly/data/train.jsonl --valid examples/dolly/data/valid.jsonl \
   --test examples/dolly/data/test.jsonl --destdir "$W/data" --vocab-size $VOCAB --overwrite | tail -1
@@ -49,4 +51,4 @@ done
 # Rouge-L on the test prompts, the MiniLLM/DistiLLM protocol on the GPU (distill-evaluate's CUDA path), 2 seeds
 $PY -m distill_plugins.cli.evaluate "$W/teacher/checkpoint_best.pt" "$W/student_sft/checkpoint_best.pt" \
   "$W/student_minillm/checkpoint_last.pt" --data "$W/data" --seeds 10 20 --dtype ${EVAL_DTYPE:-fp16} --no-progress \
-  --json "$OUT/rouge_l.json" 2>&1 | grep -E "^\||rror" || true
+  --json "$OUT/rouge_l.json" --overwrite 2>&1 | grep -E "^\||rror" || true
