@@ -159,7 +159,10 @@ class Teacher:
         (``source`` names the options that set that length), before it fails on the first long batch."""
         positions = self.model.max_positions()
         positions = positions[0] if isinstance(positions, tuple) else positions
-        if positions is not None and int(positions) < needed:
+        if positions is None:
+            return
+        columns = int(positions) + int(getattr(getattr(self.model, "decoder", None), "reads_without_bos", False))
+        if columns < needed:
             raise DistillError(f"teacher {self.path} has {int(positions)} positions, but sequences of up to {needed} "
                                f"tokens reach it ({source}); pass --tokens-per-sample {int(positions)} or a teacher "
                                "trained with more positions")

@@ -20,10 +20,14 @@ from ..teacher import sha256_file
 VERSION = 1
 
 
-# files of a data directory that fairseq-train never reads: the source jsonl (distill-evaluate reads
-# test.jsonl; its scores are keyed by that file's own hash) and logs (prepare_report.json is read: its
-# --max-total-tokens cuts the examples)
-NOT_READ_BY_TRAINING = (".jsonl", ".log", ".md")
+# files of a data directory that fairseq-train never reads: the test split's jsonl (distill-evaluate's;
+# its scores are keyed by that file's own hash) and logs. The other jsonl are read (valid.jsonl: the
+# references of --eval-rouge), and so is prepare_report.json (its --max-total-tokens cuts the examples).
+NOT_READ_BY_TRAINING = {"names": ("test.jsonl",), "suffixes": (".log", ".md")}
+
+
+def read_by_training(name: str) -> bool:
+    return name not in NOT_READ_BY_TRAINING["names"] and not name.endswith(NOT_READ_BY_TRAINING["suffixes"])
 
 
 def sha256_dir(path: str) -> str:
@@ -33,7 +37,7 @@ def sha256_dir(path: str) -> str:
     h = hashlib.sha256()
     for top, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".") and not f.endswith(NOT_READ_BY_TRAINING)):
+        for name in sorted(f for f in files if not f.startswith(".") and read_by_training(f)):
             full = os.path.join(top, name)
             if os.path.isfile(full):
                 rel = os.path.relpath(full, path).replace(os.sep, "/")

@@ -216,6 +216,8 @@ class NoBOSTransformerDecoder(TransformerDecoder):
     and state-dict keys as ``TransformerDecoder`` (the class of the decoder fairseq builds is
     swapped for this one)."""
 
+    reads_without_bos = True  # takes max_positions() + 1 fairseq columns (teacher.Teacher.check_positions)
+
     def _start_row(self, tokens, features_only: bool):
         h = self.output_projection.weight.new_zeros(tokens.size(0), 1, self.output_embed_dim)
         return h if features_only else self.output_layer(h)
@@ -297,6 +299,8 @@ def _module_names(root, module) -> List[str]:
 
 class HFDecoder(FairseqIncrementalDecoder):
     """A ``transformers`` causal LM as a fairseq incremental decoder, indexed by fairseq ids."""
+
+    reads_without_bos = True  # takes max_positions() + 1 fairseq columns (teacher.Teacher.check_positions)
 
     def __init__(self, dictionary, config, vocab: HFVocab):
         super().__init__(dictionary)

@@ -170,6 +170,8 @@ class InstructionDistillationTask(FairseqTask):
         check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         check(cfg.lm_batch_size is None or cfg.lm_batch_size >= 1,
               f"--lm-batch-size must be >= 1, got {cfg.lm_batch_size}")
+        check(getattr(cfg, "max_response_tokens", 0) >= 0,
+              f"--max-response-tokens must be >= 0 (0: no cap), got {getattr(cfg, 'max_response_tokens', 0)}")
         self.lm_corpus: Optional[LMCorpus] = None  # --lm-data, loaded with the criterion (load_lm_corpus)
         self.restored_state: Optional[dict] = None  # the resumed checkpoint's task state, read at the first step
         self._warned_length_limit = False  # prompts that fill --max-len-b: warned once (inference_step)
@@ -305,9 +307,14 @@ class InstructionDistillationTask(FairseqTask):
 
     def teacher_input_length(self):
         """The most tokens a teacher input may have, and the options that set it: --tokens-per-sample,
-        capped by the student's positions (the batches are filtered by both) unless the teacher reads
-        its own tokenization (--teacher-data)."""
+        capped by distill-prepare's --max-total-tokens of the data it reads (unless --lm-data blocks or
+        generated sequences, both of --tokens-per-sample, reach it) and by the student's positions
+        (the batches are filtered by both) unless the teacher reads its own tokenization (--teacher-data)."""
         needed, source = int(self.cfg.tokens_per_sample), f"--tokens-per-sample {self.cfg.tokens_per_sample}"
+        prepared = prepared_total_length(self.cfg.teacher_data or utils.split_paths(self.cfg.data)[0])
+        own_length = not self.cfg.lm_data and str(getattr(self.cfg, "student_data_mode", "off")) == "off"
+        if own_length and not getattr(self, "provides_rollouts", False) and prepared < needed:
+            needed, source = prepared, f"the data's --max-total-tokens {prepared}"
         student = getattr(self, "student_positions", None)
         if student is not None and not self.cfg.teacher_data and student < needed:
             needed, source = student, f"the student's {student} positions"
@@ -479,6 +486,8 @@ class InstructionDistillationTask(FairseqTask):
             limit = None
         if limit is None and isinstance(args, DictConfig):  # fairseq-generate's GenerationConfig
             limit = self.cfg.max_response_tokens
+        check(limit is None or int(limit) >= 0,
+              f"a response cap (--max-response-tokens / max_new_tokens) must be >= 0 (0: none), got {limit}")
         generator.max_new_tokens = int(limit) if limit else None
         return generator
 

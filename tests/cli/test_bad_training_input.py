@@ -148,3 +148,26 @@ def test_a_teacher_without_dictionary_or_embeddings_is_named(data_bin, teacher_c
     task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin))
     with pytest.raises(DistillError, match="records no dictionary and has no decoder.embed_tokens.weight"):
         Teacher.load(str(bad), task)
+
+
+def test_the_position_check_counts_the_prepared_length_and_bad_response_caps(data_bin, tiny_jsonl, tmp_path):
+    """Inputs are cut to distill-prepare's --max-total-tokens, so a teacher needs only that many positions
+    (the check first asked for --tokens-per-sample); a negative --max-response-tokens is refused."""
+    import os
+
+    from conftest import train
+    from distill_plugins.cli import prepare
+    from distill_plugins.errors import DistillError
+    from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
+
+    short = tmp_path / "short"
+    train(data_bin, short, "--criterion", "cross_entropy", "--max-target-positions", "96", "--tokens-per-sample", "96",
+          max_update=1)
+    data = str(tmp_path / "bin64")
+    prepare.main(["--train", tiny_jsonl["train"], "--valid", tiny_jsonl["valid"], "--destdir", data, "--spm-model",
+                  os.path.join(data_bin, "spm.model"), "--max-prompt-tokens", "48", "--max-total-tokens", "64"])
+    proc = train(data, tmp_path / "kd", "--criterion", "kd", "--teacher-path", short / "checkpoint_last.pt",
+                 max_update=1)  # --tokens-per-sample 512, but no input is over 64 tokens
+    assert "done training" in proc.stdout + proc.stderr
+    with pytest.raises(DistillError, match="--max-response-tokens must be >= 0"):
+        InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=data_bin, max_response_tokens=-1))

@@ -79,3 +79,16 @@ def test_export_with_data_of_another_tokenizer_is_refused(setting):
     assert not out.exists()
     run([cli("distill-export-hf"), ckpt, str(tmp / "hf-own"), "--data", data])
     assert (tmp / "hf-own" / "model.safetensors").is_file()
+
+
+def test_position_check_counts_the_bos_column_hf_models_skip():
+    """An HF teacher never reads the BOS column, so its n positions take n + 1 fairseq columns (the check
+    refused n + 1 first)."""
+    from distill_plugins.tasks.instruction_distillation import InstructionDistillationConfig, InstructionDistillationTask
+
+    task = InstructionDistillationTask.setup_task(InstructionDistillationConfig(data=F.prepared("gpt2")))
+    teacher = Teacher.load(F.hf_dir("gpt2"), task)
+    assert teacher.model.max_positions() == 128
+    teacher.check_positions(129, "--tokens-per-sample 129")
+    with pytest.raises(DistillError, match="has 128 positions, but sequences of up to 130 tokens"):
+        teacher.check_positions(130, "--tokens-per-sample 130")

@@ -16,10 +16,13 @@ def test_sha256_dir_covers_subdirectories_but_not_scratch(tmp_path):
     (tmp_path / ".staged-x").mkdir()  # another command's scratch directory
     (tmp_path / ".staged-x" / "half").write_bytes(b"?")
     assert sha256_dir(tmp_path) == first
-    # what training never reads: the jsonl (test.jsonl: distill-evaluate's), logs (each retrained everything)
+    # what training never reads: test.jsonl (distill-evaluate's), logs (each retrained everything)
     (tmp_path / "test.jsonl").write_text("{}\n")
     (tmp_path / "preprocess.log").write_text("log")
     assert sha256_dir(tmp_path) == first
+    (tmp_path / "valid.jsonl").write_text("{}\n")  # read: --eval-rouge's references
+    assert sha256_dir(tmp_path) != first
+    os.remove(tmp_path / "valid.jsonl")
     (tmp_path / "prepare_report.json").write_text("{}")  # read: its --max-total-tokens cuts the examples
     assert sha256_dir(tmp_path) != first
     os.remove(tmp_path / "prepare_report.json")
