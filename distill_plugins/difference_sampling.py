@@ -4,8 +4,9 @@ ICLR; spec ``methods.md`` section 8).
 
 Both models score every document x once, log p(x) = sum_{t >= 1} log p(x_t | x_<t) (its first token
 is not scored, as MiniPLM's shifted-label losses do not score it; |x| counts the scored tokens);
-the documents with the highest difference score are kept (the top ``keep_fraction``, MiniPLM's alpha) and the student is
-pre-trained on them with the plain LM loss, so training costs no teacher forward.
+the documents with the highest difference score are kept (the top ``keep_fraction``, MiniPLM's
+alpha) and the student is pre-trained on them with the plain LM loss, so training costs no teacher
+forward.
 
 * ``difference`` (default) r(x) = [log p(x) - log p_ref(x)] / |x|: the per-token log-likelihood
   difference, which is what MiniPLM's code ranks (compute_difference_scores.py: the reference's mean
@@ -20,8 +21,9 @@ log(1/V), a model trained here predicts it from the preceding EOS, so with one o
 would shift every score by a length- and token-dependent amount unrelated to what the teacher knows.
 
 A document (fairseq's LM layout: its tokens end with EOS, and the previous document's EOS precedes
-it) is scored as [EOS] + x -> x (the first target unscored) in windows of at most ``window`` input tokens, each window a
-separate forward (as fairseq's LM training cuts a long document into blocks); documents shorter
+it) is scored as [EOS] + x -> x (the first target unscored) in windows of at most ``window``
+input tokens, each window a separate forward (as fairseq's LM training cuts a long document into
+blocks); documents shorter
 than ``window`` are scored whole. Every window starts with the BOS column of the task's inputs: the
 first one's is the preceding EOS; a later one's is an EOS put before its context token (the last
 token of the window before), with no label, so an HF-backed model (which skips column 0) reads the

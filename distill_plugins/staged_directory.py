@@ -45,11 +45,12 @@ def staged_directory(dest: str, prefix: str = ".staged-"):
         done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        for path in created if not done else ():
-            try:
-                os.rmdir(path)  # only while empty
-            except OSError:
-                break
+        if not done:
+            for path in created:
+                try:
+                    os.rmdir(path)  # only while empty
+                except OSError:
+                    break
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -3,8 +3,8 @@
 The exact command line a stage will run is parsed by fairseq-train's own parser (option names,
 types and choices; architecture and task options included), its task is set up (the task's option
 checks and the number of teachers its criterion takes; only the dictionary is read) and its
-criterion's ``check_options`` runs (value ranges, multi-teacher weights). Nothing is trained or loaded: a teacher that an earlier stage has yet to
-train need not exist.
+criterion's ``check_options`` runs (value ranges, multi-teacher weights). Nothing is trained or
+loaded: a teacher that an earlier stage has yet to train need not exist.
 """
 import logging
 

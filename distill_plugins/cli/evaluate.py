@@ -201,8 +201,8 @@ GENERATION_OPTIONS = ("max_examples", "seeds", "top_k", "top_p", "temperature", 
 def check_generation_options(args):
     """Generation files are scored as they are: the options that sample responses from a checkpoint
     would be ignored, so they are refused."""
-    defaults = get_parser().parse_args([*args.paths, "--data", args.data])
-    changed = [name for name in GENERATION_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    parser = get_parser()
+    changed = [name for name in GENERATION_OPTIONS if getattr(args, name) != parser.get_default(name)]
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise DistillError(f"{flags} apply only when evaluating checkpoints; generation files are scored as they "

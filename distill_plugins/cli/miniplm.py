@@ -221,6 +221,7 @@ def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, win
 
     teacher_logp, reference_logp = scored["teacher"][1], scored["reference"][1]
     k_tokens = int(lengths[kept].sum())
+    counted = scored_tokens(lengths)
 
     with staged_directory(dest, prefix=".miniplm-") as (_work, out):
         builder = indexed_dataset.make_builder(os.path.join(out, f"{args.split}.bin"), impl="mmap",
@@ -234,7 +235,7 @@ def write(args, dest, task, dataset, lengths, scored, scores, kept, is_kept, win
         with open(os.path.join(out, "scores.tsv"), "w") as f:
             f.write("index\ttokens\tteacher_logprob\treference_logprob\tscore\tkept\n")  # tokens: the scored
             for i in range(len(dataset)):
-                f.write(f"{i}\t{int(lengths[i]) - 1}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
+                f.write(f"{i}\t{int(counted[i])}\t{float(teacher_logp[i]):.6f}\t{float(reference_logp[i]):.6f}\t"
                         f"{float(scores[i]):.8g}\t{int(is_kept[i])}\n")
         if args.text:
             keep = is_kept.tolist()

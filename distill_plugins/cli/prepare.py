@@ -23,6 +23,7 @@ import os
 import time
 
 from ..data.instruction_jsonl import read_instruction_jsonl, references, render_prompt
+from ..data.prepare_report import REPORT
 from ..data.tokenizers import HFTokenizer, SentencePieceTokenizer
 from ..errors import DistillError, brief, check
 from ..staged_directory import check_output_dir, staged_directory
@@ -164,7 +165,7 @@ def write_tokenized(tok, data, files, work, out, args, long_prompts):
         print(f"| {split}: {counts}", flush=True)
     binarize(["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary", "--srcdict", dict_file,
               "--destdir", out, "--workers", str(args.workers), *prefs])
-    with open(os.path.join(out, "prepare_report.json"), "w") as f:
+    with open(os.path.join(out, REPORT), "w") as f:
         json.dump(report, f, indent=1)
     return kept_rows
 
@@ -201,7 +202,7 @@ def main(argv=None):
         check(not ignored, f"{' and '.join(ignored)} {'are' if len(ignored) > 1 else 'is'} for the SentencePiece "
                            "tokenizer; --tokenizer hf keeps the --hf-tokenizer's own vocabulary: drop "
                            + ("them" if len(ignored) > 1 else "it"))
-    dest = check_output_dir(args.destdir, "--destdir", "prepare_report.json", args.overwrite,
+    dest = check_output_dir(args.destdir, "--destdir", REPORT, args.overwrite,
                             [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in INPUTS])
 
     t0 = time.time()

@@ -23,6 +23,7 @@ import torch
 from fairseq.data import data_utils
 
 from ..data.instruction_jsonl import read_instruction_jsonl
+from ..data.prepare_report import read_prepare_report
 from ..data.tokenizers import load_tokenizer
 from ..devices import resolve_device
 from ..evaluation.report_files import write_atomic
@@ -53,11 +54,9 @@ def get_parser():
 
 def prepare_limits(data: str) -> list:
     """distill-prepare length options the source data-bin was made with."""
-    path = os.path.join(data, "prepare_report.json")
-    if not os.path.isfile(path):
+    report = read_prepare_report(data)
+    if report is None:
         return []
-    with open(path) as f:
-        report = json.load(f)
     return ["--max-prompt-tokens", str(report["max_prompt_tokens"]), "--max-total-tokens",
             str(report["max_total_tokens"]), "--long-prompts", report["long_prompts"]]
 

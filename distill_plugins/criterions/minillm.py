@@ -47,8 +47,8 @@ from ..errors import DistillError, check
 from ..output_projection import fusable_output
 from .token_level_kd import student_side_loss, triton_chunk_kernel
 
-RL_STATS = ("reward", "rev_kl", "stu_len", "return", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "pt_kd_loss", "clip_frac", "ratio",
-            "is_weight", "resp_len", "rollout_time", "train_time")
+RL_STATS = ("reward", "rev_kl", "stu_len", "return", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "pt_kd_loss",
+            "clip_frac", "ratio", "is_weight", "resp_len", "rollout_time", "train_time")
 
 
 @dataclass

@@ -55,7 +55,7 @@ def check_outputs(paths: Iterable[Optional[str]], overwrite: bool, inputs: Itera
         seen[real] = path
         if os.path.isdir(path):
             raise DistillError(f"output {path} is a directory; pass a file path")
-        if os.path.realpath(path) in inputs:
+        if real in inputs:
             raise DistillError(f"output {path} is also an input; write the result to another file")
         if os.path.exists(path) and not overwrite:
             raise DistillError(f"{path} already exists; pass --overwrite to replace it")

@@ -36,6 +36,7 @@ from omegaconf import II, DictConfig, open_dict
 
 from ..data.lm_corpus import LMCorpus
 from ..data.paired_tokenizations import PairedTokenizationDataset
+from ..data.prepare_report import read_prepare_report
 from ..data.prompt_response_dataset import PromptResponseDataset, prompt_batch
 from ..data.sharded_order import rank_and_world
 from ..data.world_size_resume import track_world_size
@@ -147,13 +148,8 @@ def prepared_total_length(data: str) -> int:
     """distill-prepare's --max-total-tokens for ``data`` (no limit if it has no report): examples are cut
     to it, so that a response it cut loses the EOS binarization appended, as the references'
     (prompt + response + [EOS])[:max_length] does."""
-    path = os.path.join(data, "prepare_report.json")
-    if not os.path.isfile(path):
-        return 1 << 62
-    import json
-
-    with open(path) as f:
-        return int(json.load(f).get("max_total_tokens") or (1 << 62))
+    report = read_prepare_report(data) or {}
+    return int(report.get("max_total_tokens") or (1 << 62))
 
 
 @register_task("instruction_distillation", dataclass=InstructionDistillationConfig)
@@ -480,10 +476,7 @@ class InstructionDistillationTask(FairseqTask):
                 models, args, seq_gen_cls=seq_gen_cls or PromptSequenceGenerator,
                 extra_gen_cls_kwargs=extra_gen_cls_kwargs,
             )
-        try:
-            limit = getattr(args, "max_new_tokens", None)
-        except Exception:  # an omegaconf config without the key
-            limit = None
+        limit = getattr(args, "max_new_tokens", None)  # omegaconf's missing-key error is an AttributeError
         if limit is None and isinstance(args, DictConfig):  # fairseq-generate's GenerationConfig
             limit = self.cfg.max_response_tokens
         check(limit is None or int(limit) >= 0,
