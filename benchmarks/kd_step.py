@@ -232,6 +232,9 @@ def trainer_step(cfg, task, model, criterion, sample, *also):
     from fairseq.trainer import Trainer
 
     trainer = Trainer(cfg, task, model, criterion)
+    # on CUDA, train_step resets the peak-memory counter after every update (for its gb_free log line,
+    # the only use of cuda_env): the timed steps' peak would then miss the activations
+    trainer.cuda_env = None
 
     def step():
         trainer.train_step([sample])

@@ -4,7 +4,8 @@ Every function takes ``student_logits`` and ``teacher_logits`` of the same shape
 float dtype) and returns the per-position divergence ``[...]`` in float32 (float64 if an input is
 float64). Probabilities are always formed in at least float32 (never in the input's bf16/fp16; a
 float64 input, e.g. for gradcheck, stays float64), and mixtures are formed in probability space,
-then logged, with no epsilon (DistiLLM and DSKD do the same; spec section 1 and 7.3).
+then logged, with no epsilon (as DistiLLM's; DSKD's JS adds 1e-9 inside its logs, a difference
+below float32's resolution of most terms; spec section 1 and 7.3).
 
 Conventions (``../shared/specs/methods.md``):
 

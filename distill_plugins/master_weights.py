@@ -44,9 +44,12 @@ def _masters_and_models(trainer):
 
 @contextlib.contextmanager
 def masters_in_state_dict(trainer):
-    """While writing a checkpoint, ``trainer.state_dict()`` also returns the master weights."""
+    """While writing a checkpoint, ``trainer.state_dict()`` also returns the master weights (not with
+    ``--no-save-optimizer-state``: such a checkpoint cannot resume exactly anyway, and the masters
+    would add 4 bytes a parameter to it)."""
     pair = _masters_and_models(trainer)
-    if pair is None:
+    cfg = getattr(trainer, "cfg", None)
+    if pair is None or getattr(getattr(cfg, "checkpoint", None), "no_save_optimizer_state", False):
         yield
         return
     masters, _ = pair

@@ -159,7 +159,7 @@ def simplex_weights(costs: Tensor, sigma: float, floor: float = 0.01) -> Tensor:
     y = 1.0 / n - c / (2.0 * sigma) - floor
     u, _ = torch.sort(y, descending=True)
     css = u.cumsum(0) - mass
-    k = torch.arange(1, n + 1, dtype=c.dtype)
+    k = torch.arange(1, n + 1, dtype=c.dtype, device=c.device)
     rho = int((u - css / k > 0).nonzero().max()) + 1
     theta = css[rho - 1] / rho
     return ((y - theta).clamp_min(0) + floor).to(costs.dtype)

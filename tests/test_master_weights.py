@@ -59,3 +59,13 @@ def test_nothing_to_do_without_master_weights():
         assert master_weights.KEY not in trainer.state_dict()["extra_state"]
     assert not master_weights.restore(trainer, {master_weights.KEY: [torch.zeros(1)]})
     assert not master_weights.restore(trainer_with(True), {})
+
+
+def test_no_masters_without_the_optimizer_state():
+    trainer = trainer_with(flat=False)
+    trainer.cfg = types.SimpleNamespace(checkpoint=types.SimpleNamespace(no_save_optimizer_state=True))
+    with master_weights.masters_in_state_dict(trainer):
+        assert master_weights.KEY not in trainer.state_dict()["extra_state"]
+    trainer.cfg.checkpoint.no_save_optimizer_state = False
+    with master_weights.masters_in_state_dict(trainer):
+        assert len(trainer.state_dict()["extra_state"][master_weights.KEY]) == 2

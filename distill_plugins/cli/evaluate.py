@@ -9,8 +9,10 @@ scored with Rouge-L; the mean and standard deviation over seeds go to JSON and m
 Defaults are the papers' (spec section 5): sampling with top-k 0 and top-p 1.0 (off), temperature
 1.0, no-repeat n-gram size 6, prompts cut to their first 256 tokens (counted in the report), 512
 tokens in all (prompt + response), seeds 10 20 30 40 50, rouge-score with stemming, F x 100, the
-maximum over references. PATH may also be a directory (every ``*.pt`` in it is evaluated and the
-best is named) or fairseq-generate output files (scored as one run, one file per seed, against
+maximum over references. The example's files are MiniLLM's evaluation sets, which MiniLLM names
+``valid.jsonl`` although they are test sets. PATH may also be a directory (every ``*.pt`` in it is
+evaluated and the best per file is named: a report on those files; select checkpoints on a dev
+set, never on test sets) or fairseq-generate output files (scored as one run, one file per seed, against
 ``--eval-files`` or the data directory's ``{--split}.jsonl``; each file must answer every example).
 Outputs appear only when every step succeeded, and replace existing files only with ``--overwrite``.
 """

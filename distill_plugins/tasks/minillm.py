@@ -73,8 +73,10 @@ class MiniLLMTaskConfig(InstructionDistillationConfig):
     rollout_max_len: Optional[int] = field(
         default=None, metadata={"help": "max prompt + response tokens of a rollout (default --tokens-per-sample)"}
     )
-    rollout_max_new_tokens: Optional[int] = field(
-        default=None, metadata={"help": "max response tokens of a rollout (default: only --rollout-max-len)"}
+    rollout_max_new_tokens: int = field(
+        default=256, metadata={"help": "max response tokens of a rollout (0: only --rollout-max-len); 256 = "
+                                       "MiniLLM's max_length 512 - max_prompt_length 256 (prompts left-padded "
+                                       "to 256)"}
     )
 
 
@@ -99,8 +101,8 @@ class MiniLLMTask(InstructionDistillationTask):
               "replicated or --teacher-mixed-alpha 0")
         check(cfg.rollout_max_len is None or cfg.rollout_max_len >= 2,
               f"--rollout-max-len must be >= 2, got {cfg.rollout_max_len}")
-        check(cfg.rollout_max_new_tokens is None or cfg.rollout_max_new_tokens >= 1,
-              f"--rollout-max-new-tokens must be >= 1, got {cfg.rollout_max_new_tokens}")
+        check(cfg.rollout_max_new_tokens >= 0,
+              f"--rollout-max-new-tokens must be >= 0 (0: no cap but --rollout-max-len), got {cfg.rollout_max_new_tokens}")
         self.store = RolloutStore(cfg.ppo_epochs, seed=cfg.seed)
         self._prompt_order = None  # ShardedOrder over the training prompts, built at the first collection
         self.collections = 0
@@ -166,7 +168,7 @@ class MiniLLMTask(InstructionDistillationTask):
         sampler = sampler_model(model, teacher.model, alpha)
         max_len = self.cfg.rollout_max_len or self.cfg.tokens_per_sample
         gen_args = generation_args(max_len=max_len)
-        new_tokens = self.cfg.rollout_max_new_tokens
+        new_tokens = self.cfg.rollout_max_new_tokens or None
         if new_tokens is not None:  # the longest prompt of a chunk + new_tokens; cut per row below
             gen_args.max_len_a, gen_args.max_len_b = 1, new_tokens
         generator = self.build_generator([sampler], gen_args)

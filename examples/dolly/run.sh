@@ -44,6 +44,7 @@ step "3/6 student: kd_gpt2_tiny (2 x 128), supervised fine-tuning, $STUDENT_UPDA
   --save-dir "$CK/student_sft" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training"
 
 step "4/6 student: kd_gpt2_tiny distilled from the teacher with skew KL (alpha 0.1), $STUDENT_UPDATES updates"
+# half CE, half KD (MiniLLM/DSKD mix); DistiLLM's scripts use --kd-ratio 1.0 (docs/reproducing.md)
 "${TRAIN[@]}" --arch kd_gpt2_tiny --criterion skew_kl --skew-alpha 0.1 --kd-ratio 0.5 \
   --teacher-path "$CK/teacher/checkpoint_best.pt" --max-update "$STUDENT_UPDATES" \
   --save-dir "$CK/student_skew_kl" 2>&1 | grep --line-buffered -E "train_inner|valid on|done training|distill_plugins.teacher"

@@ -19,6 +19,7 @@ mkdir -p "$OUT"
 step "1/4 cache the teacher: top-$TOP_K log-probs at every label token of train and valid"
 distill-cache-teacher --data "$DATA" --teacher "$TEACHER" --out "$CACHE" --top-k "$TOP_K" --overwrite
 
+# half CE, half KD as examples/dolly/run.sh (DistiLLM's scripts: --kd-ratio 1.0)
 KD=("${TRAIN[@]}" --arch kd_gpt2_tiny --criterion skew_kl --skew-alpha 0.1 --kd-ratio 0.5
   --max-update "$STUDENT_UPDATES")
 declare -A SECONDS_OF
