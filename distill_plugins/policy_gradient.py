@@ -129,7 +129,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights:
     rho_t = exp(log q_theta - log q_old) w_t (the clip acts on rho w, as in MiniLLM)."""
     m = mask.to(logp.dtype)
     n = m.sum().clamp_min(1.0)
-    ratio = torch.exp((logp - old_logp) * m) * weights
+    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp, 0.0)) * weights  # padding: log q may be -inf
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
     loss = (torch.max(unclipped, clipped) * m).sum() / n

@@ -435,3 +435,18 @@ def test_row_without_finite_teacher_logit_contributes_nothing(name):
     out.sum().backward()
     # (a student row of all -inf has no gradient to speak of; its cross-entropy is inf anyway)
     assert torch.isfinite(s_in.grad[keep + [1]]).all() and s_in.grad[1].abs().max().item() == 0.0
+
+
+def test_adaptive_kl_tail_includes_mass_exactly_alpha():
+    """Spec 1c: the tail holds the entries whose cumulative (ascending) teacher mass is <= alpha; here
+    p = [1/8, 3/8, 1/2] exactly, so at alpha 0.5 the tail is the first two entries (a strict < would
+    leave it the first alone)."""
+    t = torch.log(torch.tensor([[1.0, 3.0, 4.0]]))
+    s = torch.tensor([[0.3, -0.2, 0.1]])
+    p = torch.tensor([1.0, 3.0, 4.0], dtype=torch.float64) / 8
+    q = torch.softmax(s[0].double(), -1)
+    tail = torch.tensor([True, True, False])
+    g_head, g_tail = (p - q).abs()[~tail].sum(), (p - q).abs()[tail].sum()
+    fkl, rkl = (p * (p / q).log()).sum(), (q * (q / p).log()).sum()
+    expected = (g_head * fkl + g_tail * rkl) / (g_head + g_tail)
+    torch.testing.assert_close(D.adaptive_kl(s, t, alpha=0.5)[0].double(), expected, rtol=1e-6, atol=1e-7)

@@ -43,14 +43,16 @@ def test_always_imitkd(data_bin, teacher_ckpt, tmp_path):
 
 def test_mixed_gkd_follows_lambda(data_bin, teacher_ckpt, tmp_path):
     proc = train(data_bin, tmp_path, "--criterion", "js", "--js-beta", "0.9", "--kd-ratio", "1.0",
-                 "--teacher-path", teacher_ckpt, "--student-data-mode", "mixed", "--student-data-lambda", "0.5",
+                 "--teacher-path", teacher_ckpt, "--student-data-mode", "mixed", "--student-data-lambda", "0.6",
                  *GEN, "--student-data-trace", tmp_path / "t", max_update=3)
     rows = inner_logs(proc.stdout + proc.stderr)
     steps = trace(tmp_path / "t")
     assert len(steps) == len(rows) == 3
+    # lambda 0.6, not GKD's 0.5: one of the three draws lies between them, so the option must reach the rule
+    assert any(0.5 <= s["r"] < 0.6 for s in steps)
     for s, row in zip(steps, rows):
         assert s["r"] == schedule.decision_random(1, s["update"], 0)
-        expected = schedule.GENERATE_REPLAY if s["r"] < 0.5 else schedule.GROUND_TRUTH
+        expected = schedule.GENERATE_REPLAY if s["r"] < 0.6 else schedule.GROUND_TRUTH
         assert s["source"] == expected
         assert row["src_gen"] == ("1" if expected == schedule.GENERATE_REPLAY else "0")
         assert row["src_gt"] == ("0" if expected == schedule.GENERATE_REPLAY else "1")
