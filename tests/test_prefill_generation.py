@@ -191,3 +191,29 @@ def test_first_token_follows_the_model_distribution(teacher_ckpt, data_bin):
     z = ((freq - probs).abs() / stderr)[probs > 0]
     assert z.max().item() < 5, z.max().item()
     assert probs.max().item() < 0.5  # the test has a spread distribution to check
+
+
+def test_the_response_cap_holds_per_row():
+    """max_new_tokens counts from each row's own prompt, not from the batch's longest: with EOS all but
+    impossible, a 2-token and a 9-token prompt both get 4 sampled tokens and the forced EOS."""
+    from conftest import in_memory_kd_task
+    from distill_plugins.data.prompt_response_dataset import collate_examples, join_prompt_response
+    from test_sampling import _with_eos_logit
+
+    task, student = in_memory_kd_task(tokens_per_sample=64)
+    d = task.dictionary
+    pad, eos = d.pad(), d.eos()
+    prompts = [[d.index(f"w{i}") for i in range(n)] for n in (2, 9)]
+    sample = collate_examples([join_prompt_response(torch.tensor(p), torch.tensor([eos]), pad, eos, 64, k)
+                               for k, p in enumerate(prompts)], pad)
+    never = _with_eos_logit(student, eos, -30.0).eval()
+    gen = task.build_generator([never], generation_args(max_len=60))
+    gen.max_new_tokens = 4
+    assert isinstance(gen, PrefillGenerator)
+    prefix = sample["net_input"]["src_tokens"][:, 1:10].clone()
+    for i, p in enumerate(prompts):
+        prefix[i, len(p):] = pad
+    hyps = gen.generate([never], {"net_input": {"src_tokens": prefix, "src_lengths": torch.tensor([2, 9])}},
+                        prefix_tokens=prefix)
+    for p, h in zip(prompts, hyps):
+        assert len(h[0]["tokens"]) - len(p) == 4 + 1

@@ -60,3 +60,7 @@ def test_seed_summary_is_mean_and_population_std():
     s = seed_summary(scores)
     assert s["rouge_l"] == pytest.approx(np.mean(scores)) and s["rouge_l_std"] == pytest.approx(np.std(scores))
     assert seed_summary([5.0]) == {"rouge_l": 5.0, "rouge_l_std": 0.0}
+
+
+def test_a_response_is_cut_at_the_first_end_of_text():
+    assert clean_response("a <|endoftext|> b <|endoftext|> c") == "a"

@@ -43,6 +43,8 @@ def test_generated_batch_is_shifted_and_masked(data_bin):
     assert model.training  # restored after sampling in eval mode
     prompts = [sample["net_input"]["src_tokens"][i, 1: 1 + int(sample["prompt_lengths"][i])] for i in range(3)]
     assert all(torch.equal(gen.calls[0][i, : len(p)], p) for i, p in enumerate(prompts))  # prompts forced
+    assert len({len(p) for p in prompts}) > 1  # and nothing after a shorter prompt (no response token leaks)
+    assert all(gen.calls[0][i, len(p):].eq(pad).all() for i, p in enumerate(prompts))
     assert [r.tolist() for r in got] == [r.tolist() for r in responses]  # prompt stripped from hypotheses
 
     for batch in (collate_examples(examples_from_responses(sample, got, pad, eos, 512), pad),
@@ -80,3 +82,26 @@ def test_max_new_tokens_cuts_each_response(data_bin, monkeypatch):
     # capped at a row of --tokens-per-sample: prompt + response may fill all of it
     sample_responses(task, torch.nn.Linear(1, 1), sample, max_new_tokens=400, max_total=64)
     assert seen["max_len_b"] == 64
+
+
+class LengthLimitedGenerator(CraftedGenerator):
+    """The crafted generator with fairseq's length settings: prompt + response at most ``limit``."""
+
+    def __init__(self, responses, limit):
+        super().__init__(responses)
+        self.max_len_a, self.max_len_b, self.max_positions = 0, limit, 1024
+
+
+def test_an_eos_sampled_at_the_last_free_step_is_kept_a_forced_one_dropped(data_bin):
+    """fairseq forces EOS one past the limit (n + len = limit + 1): dropped, it was never sampled; an EOS
+    the model chose at the last free position (n + len = limit) ends a response that stopped."""
+    task, sample = task_and_batch(data_bin)
+    eos = task.dictionary.eos()
+    lengths = sample["prompt_lengths"].tolist()
+    limit, w = max(lengths) + 4, task.dictionary.nspecial + 5
+    sampled = [torch.tensor([w] * (limit - n - 1) + [eos]) for n in lengths]
+    got = generate_responses(task, torch.nn.Linear(1, 1), sample, generator=LengthLimitedGenerator(sampled, limit))
+    assert [r.tolist() for r in got] == [r.tolist() for r in sampled]
+    forced = [torch.tensor([w] * (limit - n) + [eos]) for n in lengths]
+    got = generate_responses(task, torch.nn.Linear(1, 1), sample, generator=LengthLimitedGenerator(forced, limit))
+    assert [r.tolist() for r in got] == [r[:-1].tolist() for r in forced]

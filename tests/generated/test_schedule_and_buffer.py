@@ -126,3 +126,12 @@ def test_bad_options_are_one_line_errors(kw, flag):
     with pytest.raises(DistillError) as e:
         validate_options(cfg(**kw))
     assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_buffer_batches_never_repeat_an_example():
+    """uniform sampling without replacement (random.sample), every time"""
+    buf = ReplayBuffer(5, seed=0)
+    buf.push([{"id": i, "source": torch.tensor([2, i]), "target": torch.tensor([1, i]), "prompt_length": 1}
+              for i in range(5)])
+    for _ in range(100):
+        assert sorted(e["id"] for e in buf.sample(5)) == [0, 1, 2, 3, 4]

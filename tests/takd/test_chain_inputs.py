@@ -62,3 +62,10 @@ def test_a_changed_file_in_a_data_subdirectory_retrains(data_bin, tmp_path):
     plan = run([cli("distill-chain"), config, "--output-dir", out, "--dry-run"]).stdout
     assert "sft  retrain  the content of its data changed" in plan, plan
     assert os.path.isfile(os.path.join(out, "sft", "checkpoint_best.pt"))
+
+
+def test_the_init_checkpoints_content_enters_the_fingerprint():
+    from distill_plugins.chain.command import fingerprint
+
+    stage = {"arch": "a", "args": {}, "teachers": [], "checkpoint": "best"}
+    assert fingerprint(stage, [], "1" * 64, "d") != fingerprint(stage, [], "2" * 64, "d")
