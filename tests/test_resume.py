@@ -51,3 +51,30 @@ def test_each_worker_restores_its_own_lm_order(data_bin, plain_lm_data, monkeypa
     task.restored_state = None
     task.restore_training_state(update_num=4)
     assert task.lm_corpus.order.state_dict() == {"epoch": 2, "pos": 1, "world": 2}
+
+
+def test_resume_with_another_world_size_uses_the_checkpoints_own_state(monkeypatch):
+    """a worker's own saved state only when the worker count is the checkpoint's; else rank 0's"""
+    from distill_plugins.tasks import instruction_distillation as task_module
+
+    saved = {"lm_order": {"epoch": 1, "pos": 5, "world": 2},
+             "workers": [None, {"lm_order": {"epoch": 2, "pos": 1, "world": 2}}]}
+    me = SimpleNamespace(restored_state=saved)
+    own = task_module.InstructionDistillationTask.own_restored_state
+    monkeypatch.setattr(task_module, "rank_and_world", lambda: (1, 2))
+    assert own(me, "lm_order") == {"epoch": 2, "pos": 1, "world": 2}
+    monkeypatch.setattr(task_module, "rank_and_world", lambda: (1, 3))
+    assert own(me, "lm_order") == saved["lm_order"]
+
+
+def test_task_state_is_restored_once(monkeypatch):
+    """the checkpoint's task state is read at the first step only (not re-applied every update)"""
+    from distill_plugins.tasks import instruction_distillation as task_module
+
+    calls = []
+    monkeypatch.setattr(task_module, "restored_task_state", lambda cfg, n: calls.append(n) or {"x": 1})
+    me = SimpleNamespace(restored_state=None, cfg=None, lm_corpus=None, load_state_dict=lambda s: None,
+                               own_restored_state=lambda key: None)
+    for update in (4, 5, 6):
+        task_module.InstructionDistillationTask.restore_training_state(me, update)
+    assert calls == [4]

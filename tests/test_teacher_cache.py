@@ -167,3 +167,25 @@ def test_keys_ignore_padding_and_depend_on_labels():
     assert keys[0] == example_key(np.array([2, 7, 8, 9]), 2)
     assert keys[1] == example_key(np.array([2, 7, 8, 9, 5, 6]), 3)
     assert example_key(np.array([2, 7, 8, 9]), 2) != example_key(np.array([2, 7, 8, 9]), 3)
+
+
+def test_cached_teacher_tail_none_is_minus_inf_outside_top_k():
+    """--teacher-cache-tail none reaches the rebuilt rows: -inf outside the top k (even: all finite)"""
+    from distill_plugins.teacher_cache import CachedTeacher, batch_keys, top_k_rows
+
+    pad, vocab, k = 1, 10, 3
+    src = torch.tensor([[2, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1]], dtype=torch.bool)
+    ids, logp, tail = top_k_rows(torch.randn(2, vocab, generator=torch.Generator().manual_seed(0)), k)
+    t = object.__new__(CachedTeacher)
+    t.keys = np.array(batch_keys(src, mask, pad), dtype=np.uint64)
+    t.offsets = np.array([0, 2], dtype=np.int64)
+    t.ids, t.logp, t.tail = ids.numpy().astype(np.uint16), logp.numpy(), tail.numpy()
+    t.vocab, t.k, t.pad, t.path = vocab, k, pad, "cache"
+    t.tail_mass = "even"
+    even = t.cached_logits({"src_tokens": src}, mask).materialize()
+    assert torch.isfinite(even).all()
+    t.tail_mass = "none"
+    none = t.cached_logits({"src_tokens": src}, mask).materialize()
+    assert int(torch.isinf(none).sum()) == 2 * (vocab - k)
+    torch.testing.assert_close(none.gather(-1, ids), logp)
