@@ -157,6 +157,11 @@ def test_bad_prepare_options(tmp_path):
     proc = run([cli("distill-prepare"), "--train", good, "--destdir", dest, "--workers", "0"], check=False)
     assert_one_line_error(proc, "--workers must be >= 1, got 0")
     assert not (tmp_path / "out").exists(), "half-written --destdir"
+    # a total no longer than the prompt cap would leave long prompts no response token
+    proc = run([cli("distill-prepare"), "--train", good, "--destdir", dest, "--max-prompt-tokens", "64",
+                "--max-total-tokens", "64"], check=False)
+    assert_one_line_error(proc, "need 0 < --max-prompt-tokens < --max-total-tokens")
+    assert not (tmp_path / "out").exists(), "half-written --destdir"
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,7 @@ def test_bad_input_is_one_line_and_writes_nothing(data_bin, teacher_ckpt, corpus
         (["--corpus", str(other_dict)], "differs from --data's dictionary"),
         (["--text", str(short_text)], "has 2 non-empty lines but the corpus split has 240"),
         (["--window", "1024", "--max-tokens", "512"], "--max-tokens 512 is below the window"),
+        (["--window", "-1"], "--window must be >= 1"),
         (["--reference", data_bin + "/dict.src.txt"], "reference checkpoint"),
     ]
     for extra, message in cases:

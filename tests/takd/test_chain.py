@@ -316,3 +316,16 @@ def test_output_dir_inside_the_data_directory_is_refused(data_bin, tmp_path):
         with pytest.raises(DistillError, match="is inside the data directory .*pass an --output-dir outside it"):
             chain_main([config, "--output-dir", out])
     assert not os.path.exists(os.path.join(data_bin, "chain"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["stages"][2].update({"teacher": ["assistant", "assistant"]}), "teacher lists a stage twice"),
+    (lambda c: c["stages"][1].update({"teachr": "teacher"}), "stage 'assistant' has unknown key(s) teachr"),
+    (lambda c: c["stages"][0].update({"checkpoint": "final"}), "checkpoint must be best or last, got 'final'"),
+    (lambda c: c.update({"evaluate": {"json": "x.json"}}), "evaluate: sets --json, which the chain sets itself"),
+])
+def test_bad_stage_keys(data_bin, tmp_path, monkeypatch, edit, message):
+    monkeypatch.chdir(tmp_path)  # a mutant that lets evaluate: json through writes x.json to the cwd
+    chain = chain_dict(data_bin)
+    edit(chain)
+    assert message in bad(chain, tmp_path)
