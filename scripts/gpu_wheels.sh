@@ -11,15 +11,15 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 pip_() { python3 -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-pip_ download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl \
-  ve-fairseq==0.12.3 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3 cffi==2.1.1 nltk==3.10.4 rapidfuzz==3.14.6
-# pure-Python packages published as source only: built here, they run anywhere
-pip_ wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 rouge-score==0.1.2
+BINARY=(ve-fairseq==0.12.3 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3 cffi==2.1.1 nltk==3.10.4 rapidfuzz==3.14.6)
+SOURCE=(antlr4-python3-runtime==4.9.3 rouge-score==0.1.2)  # published as source only: built here, they run anywhere
+pip_ download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl "${BINARY[@]}"
+pip_ wheel -q --no-deps -w .whl "${SOURCE[@]}"
 ls .whl
 # pip's failures are filtered above: check that every wheel came (a missing one would fail every GPU stage)
 missing=()
-for w in ve_fairseq-0.12.3 hydra_core-1.3.8 omegaconf-2.3.1 bitarray-3.12.3 cffi-2.1.1 nltk-3.10.4 rapidfuzz-3.14.6 \
-  antlr4_python3_runtime-4.9.3 rouge_score-0.1.2; do
-  compgen -G ".whl/$w-*.whl" > /dev/null || missing+=("$w")
+for req in "${BINARY[@]}" "${SOURCE[@]}"; do
+  w=${req//-/_}  # a wheel's file name: name-version, dashes of the name as underscores
+  compgen -G ".whl/${w/==/-}-*.whl" > /dev/null || missing+=("$req")
 done
 [ ${#missing[@]} -eq 0 ] || { echo "gpu_wheels.sh: not fetched: ${missing[*]} (is the package index reachable?)"; exit 1; }

@@ -15,6 +15,7 @@ from test_cross_tokenizer import KD_RATIO, setup  # noqa: E402,F401  (the fixtur
 from test_dual_space_kd import same_tokenizer  # noqa: E402,F401
 
 from distill_plugins.optimal_transport import simplex_weights  # noqa: E402
+from distill_plugins.rollouts import to_device  # noqa: E402
 
 DEVICE = os.environ.get("DISTILL_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,14 +28,6 @@ CRITERIONS = [
     ("dskd_cma", {"temperature": 2.0, "kd_impl": "chunked", "kd_chunk_size": 3}),
     ("multi_cost_ot", {"temperature": 2.0, "ot_weight_update_interval": 1, "ot_interpolation_updates": 10}),
 ]
-
-
-def to_device(sample, device):
-    if torch.is_tensor(sample):
-        return sample.to(device)
-    if isinstance(sample, dict):
-        return {k: to_device(v, device) for k, v in sample.items()}
-    return sample
 
 
 def run(task, name, options, student, sample, device):
